@@ -1,0 +1,1 @@
+"""lmadapt: continual training of transformer LMs in JAX."""

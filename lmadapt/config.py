@@ -1,0 +1,411 @@
+"""The run configuration: one typed dataclass tree, loaded from YAML plus `key.sub=value` overrides.
+
+Everything a run needs is here and validated once, at the edge (`load_config`). Modules receive the
+sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the file, the key, the value and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. `family` picks the block layout; sizes follow Hugging Face names."""
+
+    family: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 256  # Llama: intermediate_size; GPT-2: n_inner (4 * d_model)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0  # Llama only
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # GPT-2 always ties (validated)
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (mixed precision)
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = False
+    attention: Literal["auto", "xla", "cudnn", "einsum"] = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+# Logical axis name -> mesh axes. Kept as data (MaxText style): a user re-shards by editing YAML.
+DEFAULT_RULES: list[list[Any]] = [
+    ["batch", ["data", "fsdp"]],
+    ["activation_length", None],
+    ["activation_embed", "tensor"],
+    ["activation_heads", "tensor"],
+    ["activation_kv_heads", "tensor"],
+    ["activation_mlp", "tensor"],
+    ["activation_vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["vocab", "tensor"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["head_dim", None],
+    ["mlp", "tensor"],
+    ["position", None],
+    ["norm", None],
+    ["layers", None],
+    ["cache_batch", ["data", "fsdp"]],
+    ["cache_length", None],
+]
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-host start-up. `auto` initialises when the environment says it is a cluster job."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+    initialization_timeout: int = 300  # seconds
+
+
+@dataclass
+class DataConfig:
+    """Training data. Until the data layer lands: a byte-level reader of one local text file."""
+
+    path: str = "data/shakespeare.txt.xz"
+    tokenizer: Literal["bytes"] = "bytes"
+    val_fraction: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 256
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many parts
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0  # global-norm clip; None disables
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: train.steps
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 disables periodic saves (a final and a preemption save still happen)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500  # steps; 0 disables
+    batches: int = 4
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between metric fetches (the only host sync in the loop)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (with `base:` includes), apply `key.sub=value` overrides, validate.
+
+    Raises ConfigError with one line naming the file, key, value and expectation.
+    """
+    raw: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        raw = _read_yaml_tree(os.fspath(path), seen=())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        value = yaml.safe_load(text) if text.strip() else None
+        _set_dotted(raw, key.strip(), value, origin="command line")
+    cfg = _build(Config, raw, prefix="", origin=origin)
+    validate(cfg, origin)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (YAML/JSON-ready) of a config tree."""
+    return dataclasses.asdict(cfg)
+
+
+def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: 'base' includes form a cycle")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        _deep_merge(merged, _read_yaml_tree(base_path, seen + (real,)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _set_dotted(raw: dict, key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{origin}: key {key!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + str(unknown[0])
+        raise ConfigError(f"{origin}: unknown key {key!r} (known keys under {prefix.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, key + ".", origin)
+        else:
+            kwargs[name] = _coerce(value, hint, key, origin)
+    return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(f"{origin}: key {key!r} has value {value!r}; expected {_type_name(hint)}")
+
+    org = typing.get_origin(hint)
+    if org in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError:
+                continue
+        raise bad()
+    if org is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise bad()
+    if hint is type(None):
+        if value is None:
+            return None
+        raise bad()
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if org is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    raise bad()
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: cross-field checks, once
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, origin: str = "<config>") -> None:
+    """Check values and relations between them; raise ConfigError naming the first problem."""
+
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{origin}: key {key!r} has value {value!r}; expected {expected}")
+
+    m = cfg.model
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        need(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
+    need(m.n_kv_heads is None or m.n_kv_heads > 0, "model.n_kv_heads", m.n_kv_heads, "a positive integer or null")
+    need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+         f"a divisor of model.n_heads={m.n_heads}")
+    need(m.head_dim is not None or m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+    need(m.head_dim is None or m.head_dim > 0, "model.head_dim", m.head_dim, "a positive integer or null")
+    need(m.family == "gpt2" or m.dim_per_head % 2 == 0, "model.head_dim", m.dim_per_head,
+         "an even head size (RoPE rotates pairs)")
+    need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
+         "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
+    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
+
+    t = cfg.train
+    need(t.steps > 0, "train.steps", t.steps, "a positive integer")
+    need(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
+    need(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive integer")
+    need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
+    need(t.microbatches > 0, "train.microbatches", t.microbatches, "a positive integer")
+    need(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
+         f"a divisor of train.batch_size={t.batch_size}")
+
+    mesh = cfg.mesh
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for name, v in sizes.items():
+        need(v == -1 or v > 0, f"mesh.{name}", v, "a positive integer or -1 (all remaining devices)")
+    need(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+    for i, rule in enumerate(mesh.rules):
+        ok = (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
+              and (rule[1] is None or (isinstance(rule[1], str) and rule[1] in sizes)
+                   or (isinstance(rule[1], list) and all(a in sizes for a in rule[1]))))
+        need(ok, f"mesh.rules[{i}]", rule, "[logical_name, mesh_axis | [mesh_axes] | null]")
+
+    o = cfg.optimizer
+    need(o.lr > 0, "optimizer.lr", o.lr, "a positive number")
+    need(0 <= o.b1 < 1, "optimizer.b1", o.b1, "a number in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", o.b2, "a number in [0, 1)")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    need(o.grad_clip is None or o.grad_clip > 0, "optimizer.grad_clip", o.grad_clip, "a positive number or null")
+    s = cfg.schedule
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "an integer >= 0")
+    need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "a positive integer")
+    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "a number in [0, 1]")
+
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "an integer >= 0")
+    need(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "a positive integer")
+    need(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "an integer >= 0")
+    need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
+    need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
+    need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
+    need(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a number in (0, 1)")
+    need(cfg.model.vocab_size >= 256 or cfg.data.tokenizer != "bytes", "model.vocab_size", cfg.model.vocab_size,
+         "at least 256 for the byte tokenizer")

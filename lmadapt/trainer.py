@@ -1,0 +1,233 @@
+"""The training loop: builds mesh, model, data and optimizer from a config, then runs, logs, evaluates
+and checkpoints. All side effects of training (files, signals, progress bars) live here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from lmadapt import sharding
+from lmadapt.checkpoint import Checkpointer
+from lmadapt.config import Config, ConfigError, config_to_dict
+from lmadapt.data import text_stream
+from lmadapt.logs import MetricsLogger
+from lmadapt.model import Transformer, count_params
+from lmadapt.optim import make_optimizer, make_schedule
+from lmadapt.train_step import TrainState, eval_step, init_state, train_step
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything built from a config before the first step: mesh, model, data, jitted functions."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    model: Transformer
+    train_data: text_stream.TextStream
+    val_data: text_stream.TextStream
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying the target shardings (for init and restore)
+    batch_sharding: jax.sharding.NamedSharding
+    local_rows: slice
+    init_fn: Callable[[jax.Array], TrainState]
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_fn: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """Mesh and logical-axis rules in scope: needed while jitted functions trace and compile."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules_as_tuples(self.cfg.mesh.rules)):
+            yield
+
+    def batch(self, data: text_stream.TextStream, step: int) -> dict[str, jax.Array]:
+        """The global batch for `step`, built from this process's rows only."""
+        local = data.batch(step, self.local_rows)
+        return sharding.make_global_batch(local, self.batch_sharding, data.batch_size)
+
+    def evaluate(self, params: Any) -> float:
+        """Mean token loss over the first `eval.batches` held-out batches (the same ones every time)."""
+        total = count = 0.0
+        for i in range(self.cfg.eval.batches):
+            s, n = self.eval_fn(params, self.batch(self.val_data, i))
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+
+def build(cfg: Config, devices: list[jax.Device] | None = None) -> Session:
+    """Construct the session for `cfg` on `devices` (default: all global devices).
+
+    Raises ConfigError for settings that only the devices can check (mesh and batch divisibility).
+    """
+    if devices is None:
+        sharding.maybe_initialize_distributed(cfg.distributed)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except sharding.ShardingError as e:
+        raise ConfigError(str(e)) from None
+    rules = cfg.mesh.rules
+    shards = sharding.batch_shards(mesh, rules)
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % shards:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
+                          f"{micro} rows per microbatch, not divisible by the {shards} batch shards of mesh "
+                          f"{dict(mesh.shape)}")
+
+    model = Transformer(cfg.model)
+    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    try:
+        train_data, val_data = text_stream.train_and_val(cfg.data.path, cfg.data.val_fraction, cfg.train.batch_size,
+                                                         cfg.train.seq_len, cfg.data.seed)
+    except text_stream.DataError as e:
+        raise ConfigError(str(e)) from None
+    if train_data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{train_data.vocab_size}")
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_as_tuples(rules)):
+        boxed = jax.eval_shape(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len,
+                                                 boxed=True), jax.random.PRNGKey(0))
+    state_shardings = sharding.tree_shardings(boxed, mesh, rules)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  nn.unbox(boxed), state_shardings)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len),
+                      out_shardings=state_shardings)
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                        microbatches=cfg.train.microbatches),
+                      in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(state_shardings.params, batch_sh),
+                      out_shardings=replicated)
+    return Session(cfg=cfg, mesh=mesh, model=model, train_data=train_data, val_data=val_data,
+                   state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
+                   local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
+                   init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; checked between steps so a preempted job saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self, sync_point: bool) -> bool:
+        """Whether to stop now. With several processes all must stop at the same step, so they only
+        compare flags at sync points (the logging steps); a single process stops at the next step."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        if not sync_point:
+            return False
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
+
+
+def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the job described by `cfg`; return a summary (final step, losses, eval loss).
+
+    `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults).
+    """
+    session = build(cfg)
+    lead = jax.process_index() == 0
+    run_dir = os.path.abspath(cfg.run.dir)
+    if lead:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if lead else None
+    meta = {"config": config_to_dict(cfg)}
+
+    with session.activate(), _StopFlag() as stop, ThreadPoolExecutor(1) as prefetch:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, _ = ckpt.restore(latest, session.abstract_state)
+            log(f"resumed from {ckpt.directory / str(latest)}")
+        else:
+            state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
+        start = int(state.step)
+        if lead:
+            log(f"devices={jax.device_count()} processes={jax.process_count()} mesh={dict(session.mesh.shape)} "
+                f"params={count_params(state.params):,} steps {start}->{cfg.train.steps}")
+
+        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (lead and cfg.logging.progress),
+                   dynamic_ncols=True, unit="step")
+        pending: list[tuple[int, dict]] = []
+        eval_loss = None
+        t_last, n_tokens = time.perf_counter(), 0.0
+        next_batch = prefetch.submit(session.batch, session.train_data, start)
+        step = start
+        while step < cfg.train.steps:
+            batch = next_batch.result()
+            if step + 1 < cfg.train.steps:
+                next_batch = prefetch.submit(session.batch, session.train_data, step + 1)
+            state, metrics = session.step_fn(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+
+            at_end = step == cfg.train.steps
+            if step % cfg.logging.every == 0 or at_end:
+                fetched = jax.device_get(pending)  # the loop's one host sync, every logging.every steps
+                pending.clear()
+                now = time.perf_counter()
+                n_tokens = sum(m["tokens"] for _, m in fetched)
+                tok_s = n_tokens / max(now - t_last, 1e-9)
+                t_last = now
+                for s, m in fetched:
+                    if logger:
+                        logger.write(s, m)
+                bar.set_postfix(loss=f"{fetched[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+                if logger:
+                    logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
+            if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
+                eval_loss = session.evaluate(state.params)
+                if logger:
+                    logger.write(step, {"loss": eval_loss}, prefix="eval")
+                if lead:
+                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
+                ckpt.save(step, state, meta, force=True)
+            if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
+                ckpt.save(step, state, meta, force=True)
+                log(f"stopping on signal at step {step}; checkpoint saved")
+                break
+        bar.close()
+        ckpt.close()
+    if logger:
+        logger.close()
+    return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None}

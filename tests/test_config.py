@@ -1,0 +1,78 @@
+"""Config loading: YAML + base includes + overrides, typed, with one-line errors naming the problem."""
+
+import os
+
+import pytest
+
+from helpers import ROOT, run_cmd
+from lmadapt.config import ConfigError, load_config
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_shipped_config_loads():
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "configs")):
+        for f in files:
+            if f.endswith(".yaml"):
+                load_config(os.path.join(dirpath, f))
+
+
+def test_base_include_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "model:\n  d_model: 96\n  n_heads: 4\ntrain:\n  steps: 7\n")
+    path = write(tmp_path, "run.yaml", "base: base.yaml\ntrain:\n  batch_size: 4\n")
+    cfg = load_config(path, ["train.steps=9", "optimizer.lr=1e-3", "model.n_kv_heads=2", "mesh.rules=[[batch, data]]"])
+    assert cfg.model.d_model == 96 and cfg.train.batch_size == 4 and cfg.train.steps == 9
+    assert cfg.optimizer.lr == pytest.approx(1e-3) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.n_kv_heads == 2 and cfg.mesh.rules == [["batch", "data"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "needle"),
+    [
+        ("train:\n  stepz: 3\n", [], "unknown key 'train.stepz'"),
+        ("", ["model.widht=3"], "unknown key 'model.widht'"),
+        ("train:\n  steps: many\n", [], "key 'train.steps' has value 'many'; expected int"),
+        ("train:\n  steps: true\n", [], "key 'train.steps' has value True; expected int"),
+        ("model:\n  family: bert\n", [], "key 'model.family' has value 'bert'; expected one of 'llama', 'gpt2'"),
+        ("train:\n  batch_size: 0\n", [], "'train.batch_size' has value 0; expected a positive integer"),
+        ("train:\n  seq_len: 4096\n", [], "at most model.max_seq_len=256"),
+        ("model:\n  n_heads: 4\n  n_kv_heads: 3\n", [], "a divisor of model.n_heads=4"),
+        ("mesh:\n  data: -1\n  fsdp: -1\n", [], "at most one axis set to -1"),
+        ("train: [1, 2]\n", [], "key 'train': expected a mapping"),
+        ("train:\n  steps: [\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, text, overrides, needle):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+    if not overrides and "YAML" not in needle:
+        assert path in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--config", "configs/does-not-exist.yaml"], "config file 'configs/does-not-exist.yaml' not found"),
+        (["--config", "configs/tiny.yaml", "train.bogus=1"], "unknown key 'train.bogus'"),
+        (["--config", "configs/tiny.yaml", "train.steps=abc"], "key 'train.steps' has value 'abc'; expected int"),
+        (["--config", "configs/tiny.yaml", "mesh.data=3"], "must equal the device count"),
+    ],
+)
+def test_train_py_config_errors_exit_nonzero_with_one_line(args, needle):
+    result = run_cmd(["train.py", *args], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0]

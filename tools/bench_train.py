@@ -1,0 +1,118 @@
+"""Benchmark the training step: tokens/s, model FLOPs utilisation, peak memory, compile time.
+
+    python tools/bench_train.py --config configs/tiny.yaml [--steps 10] [key.sub=value ...]
+
+MFU is measured against a matmul peak this script measures on the same machine in the same run
+(fp32, and bf16 where the compute dtype is bf16), so the ratio is meaningful on a noisy machine.
+FLOPs per token: 6*N + 12*L*T*d (N = parameters without position embeddings; the second term is
+attention's score and value matmuls, forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmadapt.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from lmadapt.model import count_params  # noqa: E402
+from lmadapt.trainer import build  # noqa: E402
+
+
+def matmul_peak(dtype: jnp.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matmul (accumulating in float32) on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(m: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention (12 * layers * seq_len * d_attn)."""
+    n = n_params - (m.max_seq_len * m.d_model if m.family == "gpt2" else 0)
+    return 6 * n + 12 * m.n_layers * seq_len * m.n_heads * m.dim_per_head
+
+
+def peak_memory_bytes() -> tuple[str, float]:
+    """Device peak where the backend reports it (GPU/TPU), else this process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return "device peak", float(stats["peak_bytes_in_use"])
+    return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        session = build(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = cfg.model
+    with session.activate():
+        state = session.init_fn(jax.random.PRNGKey(0))
+        batch = session.batch(session.train_data, 0)
+        t = time.perf_counter()
+        compiled = session.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for step in range(1, args.steps + 1):
+            batch = session.batch(session.train_data, step)
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+    n_params = count_params(state.params)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    med = statistics.median(times)
+    tok_s = tokens / med
+    achieved = tok_s * flops_per_token(m, n_params, cfg.train.seq_len)
+    peak32 = matmul_peak(jnp.float32)
+    peak16 = matmul_peak(jnp.bfloat16) if m.dtype == "bfloat16" else None
+    mem_kind, mem = peak_memory_bytes()
+
+    dev = jax.devices()[0]
+    print(f"device: {jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    print(f"model: {m.family} L{m.n_layers} d{m.d_model} heads {m.n_heads}/{m.kv_heads} vocab {m.vocab_size}, "
+          f"{n_params / 1e6:.1f}M params, param {m.param_dtype} compute {m.dtype}, scan={m.scan_layers} "
+          f"remat={m.remat} attention={m.attention}")
+    print(f"batch {cfg.train.batch_size} x seq {cfg.train.seq_len} = {tokens} tokens/step, "
+          f"mesh {dict(session.mesh.shape)}")
+    print(f"compile time:        {compile_s:.2f} s")
+    print(f"step time:           median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} "
+          f"({len(times)} steps)")
+    print(f"tokens/s:            {tok_s:,.0f}")
+    print(f"model FLOP/s:        {achieved / 1e9:,.1f} GFLOP/s ({flops_per_token(m, n_params, cfg.train.seq_len):.3g} "
+          f"FLOPs/token)")
+    print(f"matmul peak fp32:    {peak32 / 1e9:,.1f} GFLOP/s  -> MFU {achieved / peak32:.1%}")
+    if peak16:
+        print(f"matmul peak bf16:    {peak16 / 1e9:,.1f} GFLOP/s  -> MFU {achieved / peak16:.1%}")
+    print(f"{mem_kind + ':':<20} {mem / 2**30:.2f} GiB ({mem / n_params:.1f} bytes/param)")
+    print(f"final loss:          {float(np.asarray(metrics['loss'])):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
