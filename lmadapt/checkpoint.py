@@ -30,7 +30,9 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,  # half-written saves from a crash are removed on start
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # Handlers are named up front so a fresh process can read metadata before its first save.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -59,6 +61,8 @@ class Checkpointer:
 
     def _check_matches(self, step: int, abstract_state: Any) -> None:
         saved = self._manager.item_metadata(step)["state"]
+        if saved is None:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable 'state' item")
         saved_flat = dict(_flatten(saved))
         want_flat = dict(_flatten(abstract_state))
         where = f"checkpoint {self.directory / str(step)}"

@@ -303,7 +303,11 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
                 continue
         raise bad()
     if org is Literal:
-        if value in typing.get_args(hint):
+        choices = typing.get_args(hint)
+        # YAML 1.1 reads a bare on/off as a bool; take the user at their word for on/off choices.
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            return "on" if value else "off"
+        if value in choices and not isinstance(value, bool):
             return value
         raise bad()
     if hint is type(None):

@@ -95,8 +95,13 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rule
     spec = nn.logical_to_mesh_axes(tuple(names), rules_as_tuples(rules))
     out = []
     for dim, axes in zip(shape, spec, strict=True):
-        group = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        out.append(axes if group and dim % math.prod(mesh.shape[a] for a in group) == 0 else None)
+        # Size-1 mesh axes are dropped so specs read as what is really split (P(None, None) on a pure
+        # data-parallel mesh), which is also what the equivalence tests assert on.
+        group = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,) if axes else ()) if mesh.shape[a] > 1)
+        if not group or dim % math.prod(mesh.shape[a] for a in group):
+            out.append(None)
+        else:
+            out.append(group[0] if len(group) == 1 else group)
     return PartitionSpec(*out)
 
 

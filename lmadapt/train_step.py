@@ -92,7 +92,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     metrics = {
         "loss": loss_sum / denom,
         "tokens": n_tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

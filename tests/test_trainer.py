@@ -44,6 +44,16 @@ def test_train_py_runs_logs_and_checkpoints(tmp_path):
     assert sorted(os.listdir(run_dir / "checkpoints")) >= ["3", "6"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tb"))
 
+    # eval.py on the final checkpoint reproduces the loop's own final eval loss.
+    loop_eval = [r["eval/loss"] for r in rows if "eval/loss" in r and r["step"] == 6]
+    out = run_cmd(["eval.py", "--run", str(run_dir)], env=ONE_DEVICE)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["step"] == 6
+    np.testing.assert_allclose(result["loss"], loop_eval[0], rtol=1e-6)
+    missing = run_cmd(["eval.py", "--run", str(run_dir), "--step", "4"], env=ONE_DEVICE)
+    assert missing.returncode == 2 and "no checkpoint at step 4" in missing.stderr
+
 
 def test_sigkill_then_restart_is_bit_identical(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
