@@ -1,7 +1,7 @@
 """Evaluate a training run's checkpoint: `python eval.py --run runs/tiny [--step N] [key.sub=value ...]`.
 
-Prints one JSON line with the held-out loss and perplexity over `eval.batches` batches of the run's
-validation split (the same batches the training loop evaluates on).
+Prints one JSON line with the held-out loss and perplexity, overall and per source, over the first
+`eval.batches` batches of each source's validation split (the batches the training loop evaluates on).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def evaluate_run(cfg, step: int | None) -> dict:
 
     from lmadapt.checkpoint import Checkpointer
     from lmadapt.config import ConfigError
-    from lmadapt.trainer import build
+    from lmadapt.trainer import build, run_tokenizer
 
-    session = build(cfg)
+    session = build(cfg, tokenizer=run_tokenizer(os.path.abspath(cfg.run.dir)))
     ckpt = Checkpointer(os.path.join(os.path.abspath(cfg.run.dir), "checkpoints"), cfg.checkpoint)
     steps = ckpt.all_steps()
     if not steps:
@@ -51,12 +51,14 @@ def evaluate_run(cfg, step: int | None) -> dict:
         raise ConfigError(f"run {cfg.run.dir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
     with session.activate():
         state, _ = ckpt.restore(step, session.abstract_state)
-        loss = session.evaluate(state.params)
+        losses = session.evaluate(state.params)
     ckpt.close()
     if jax.process_index() != 0:
         return {}
-    return {"run": cfg.run.dir, "step": step, "eval_batches": cfg.eval.batches, "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0))}
+    per_source = {k.removesuffix("/loss"): {"loss": v, "perplexity": math.exp(min(v, 50.0))}
+                  for k, v in losses.items() if k != "loss"}
+    return {"run": cfg.run.dir, "step": step, "eval_batches": cfg.eval.batches, "loss": losses["loss"],
+            "perplexity": math.exp(min(losses["loss"], 50.0)), "sources": per_source}
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +32,7 @@ class ModelConfig:
     """A decoder-only transformer. `family` picks the block layout; sizes follow Hugging Face names."""
 
     family: Literal["llama", "gpt2"] = "llama"
-    vocab_size: int = 256
+    vocab_size: int = 320  # room for the default byte tokenizer (259)
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -102,14 +104,74 @@ class DistributedConfig:
     initialization_timeout: int = 300  # seconds
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass
+class TokenizerConfig:
+    """`bytes` (no training, vocab 259) or a SentencePiece model: `path` to any `.model` file, or null to
+    train one (`vocab_size`, `model_type`) on the run's training sources, cached by their fingerprints."""
+
+    kind: Literal["bytes", "sentencepiece"] = "bytes"
+    path: str | None = None
+    vocab_size: int = 2048
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True
+    user_defined_symbols: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SourceConfig:
+    """One named data source of the mixture.
+
+    kind `text`: files, folders or globs (plain, .gz, .xz) cut into documents by `documents`.
+    kind `jsonl`: `format` text (`text_field`), prompt_completion (loss on the completion only), or
+    classification (`text_field` + `label_field`, rendered as `template` -> " " + label, labels in `labels`).
+    kind `tfds`: `dataset` ("name" or "name:version") `split` and `feature` from a local `data_dir`.
+    """
+
+    name: str = ""
+    kind: Literal["text", "jsonl", "tfds"] = "text"
+    path: str | None = None
+    weight: float = 1.0
+    documents: Literal["file", "blank_line", "chars"] = "chars"
+    max_chars: int = 4096
+    format: Literal["text", "prompt_completion", "classification"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    label_field: str = "label"
+    labels: list[str] | None = None
+    template: str = "{text}\nLabel:"
+    dataset: str | None = None
+    split: str = "train"
+    feature: str = "text"
+    data_dir: str | None = None
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(name="shakespeare", path="data/shakespeare.txt.xz")]
+
+
+@dataclass
+class ReplayConfig:
+    """Replay: `fraction` of every batch drawn from `sources` (the data earlier versions trained on)."""
+
+    fraction: float = 0.0
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
 @dataclass
 class DataConfig:
-    """Training data. Until the data layer lands: a byte-level reader of one local text file."""
+    """Training data: a weighted mixture of `sources` plus replay, packed into rows of train.seq_len."""
 
-    path: str = "data/shakespeare.txt.xz"
-    tokenizer: Literal["bytes"] = "bytes"
-    val_fraction: float = 0.01
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    val_fraction: float = 0.05  # of each source's documents, held out (deterministically) for eval
     seed: int = 0
+    cache_dir: str = "~/.cache/lmadapt"  # tokenized sources and trained tokenizers, reused across runs
+    long_docs: Literal["split", "truncate"] = "split"  # documents longer than train.seq_len (counted)
+    decode_errors: Literal["replace", "fail"] = "replace"  # undecodable bytes (replaced ones are counted)
 
 
 @dataclass
@@ -171,6 +233,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -249,13 +312,27 @@ def _deep_merge(dst: dict, src: dict) -> None:
 
 def _set_dotted(raw: dict, key: str, value: Any, origin: str) -> None:
     parts = key.split(".")
-    node = raw
-    for p in parts[:-1]:
+    node: Any = raw
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):  # `data.sources.0.path=...` indexes a list of sections
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"{origin}: key {key!r}: {'.'.join(parts[:i])} has {len(node)} entries; "
+                                  f"{p!r} is not one of their indices")
+            node = node[int(p)]
+            continue
+        if p not in node and parts[i + 1].isdigit():
+            raise ConfigError(f"{origin}: key {key!r}: {'.'.join(parts[:i + 1])} is not set in the config file, so it "
+                              f"has no entry {parts[i + 1]} (set the whole list: {'.'.join(parts[:i + 1])}=[...])")
         nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)):
             raise ConfigError(f"{origin}: key {key!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        if not parts[-1].isdigit() or int(parts[-1]) >= len(node):
+            raise ConfigError(f"{origin}: key {key!r}: {'.'.join(parts[:-1])} has {len(node)} entries")
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
@@ -340,6 +417,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         if not isinstance(value, list):
             raise bad()
         (item,) = typing.get_args(hint) or (Any,)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}.{i}.", origin) for i, v in enumerate(value)]
         return [_coerce(v, item, f"{key}[{i}]", origin) for i, v in enumerate(value)]
     if hint is Any:
         return value
@@ -410,6 +489,35 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
     need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
-    need(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "a number in (0, 1)")
-    need(cfg.model.vocab_size >= 256 or cfg.data.tokenizer != "bytes", "model.vocab_size", cfg.model.vocab_size,
-         "at least 256 for the byte tokenizer")
+    _validate_data(cfg, need)
+
+
+def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    d, tok = cfg.data, cfg.tokenizer
+    need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    need(tok.kind != "bytes" or cfg.model.vocab_size >= 259, "model.vocab_size", cfg.model.vocab_size,
+         "at least 259 for the byte tokenizer (256 bytes + bos, eos, pad)")
+    need(tok.kind != "sentencepiece" or tok.path is not None or 16 <= tok.vocab_size <= cfg.model.vocab_size,
+         "tokenizer.vocab_size", tok.vocab_size, f"between 16 and model.vocab_size={cfg.model.vocab_size}")
+    need(bool(d.sources), "data.sources", d.sources, "at least one source")
+    need(0 <= d.replay.fraction < 1, "data.replay.fraction", d.replay.fraction, "a number in [0, 1)")
+    need(d.replay.fraction == 0 or bool(d.replay.sources), "data.replay.sources", d.replay.sources,
+         "at least one source when data.replay.fraction > 0")
+    seen: set[str] = set()
+    groups = [("data.sources", d.sources), ("data.replay.sources", d.replay.sources)]
+    for group, sources in groups:
+        for i, src in enumerate(sources):
+            key = f"{group}.{i}"
+            need(_NAME_RE.fullmatch(src.name) is not None, f"{key}.name", src.name,
+                 "a name of letters, digits, '_', '-' or '.' (it names logs and cache entries)")
+            need(src.name not in seen, f"{key}.name", src.name, "a name not used by another source")
+            seen.add(src.name)
+            need(src.weight > 0, f"{key}.weight", src.weight, "a positive number")
+            need(src.max_chars > 0, f"{key}.max_chars", src.max_chars, "a positive integer")
+            if src.kind in ("text", "jsonl"):
+                need(bool(src.path), f"{key}.path", src.path, f"a file, folder or glob for kind {src.kind!r}")
+            if src.kind == "tfds":
+                need(bool(src.dataset), f"{key}.dataset", src.dataset, "a tfds dataset name for kind 'tfds'")
+            if src.format == "classification":
+                need(bool(src.labels), f"{key}.labels", src.labels, "the list of labels for format 'classification'")
+                need("{text}" in src.template, f"{key}.template", src.template, "a template containing {text}")

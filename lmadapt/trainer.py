@@ -25,10 +25,12 @@ from tqdm import tqdm
 from lmadapt import sharding
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, config_to_dict
-from lmadapt.data import text_stream
+from lmadapt.data import DataError
+from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
 from lmadapt.optim import make_optimizer, make_schedule
+from lmadapt.tokenizer import BYTES_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 from lmadapt.train_step import TrainState, eval_step, init_state, train_step
 
 
@@ -39,8 +41,7 @@ class Session:
     cfg: Config
     mesh: jax.sharding.Mesh
     model: Transformer
-    train_data: text_stream.TextStream
-    val_data: text_stream.TextStream
+    data: DataPipeline
     state_shardings: Any
     abstract_state: Any  # ShapeDtypeStructs carrying the target shardings (for init and restore)
     batch_sharding: jax.sharding.NamedSharding
@@ -55,24 +56,34 @@ class Session:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules_as_tuples(self.cfg.mesh.rules)):
             yield
 
-    def batch(self, data: text_stream.TextStream, step: int) -> dict[str, jax.Array]:
-        """The global batch for `step`, built from this process's rows only."""
-        local = data.batch(step, self.local_rows)
-        return sharding.make_global_batch(local, self.batch_sharding, data.batch_size)
+    def batch(self, step: int) -> dict[str, jax.Array]:
+        """The global training batch for `step`, built from this process's rows only."""
+        return self._global(self.data.batch(step, self.local_rows))
 
-    def evaluate(self, params: Any) -> float:
-        """Mean token loss over the first `eval.batches` held-out batches (the same ones every time)."""
-        total = count = 0.0
-        for i in range(self.cfg.eval.batches):
-            s, n = self.eval_fn(params, self.batch(self.val_data, i))
-            total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
+    def _global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return sharding.make_global_batch(local, self.batch_sharding, self.data.batch_size)
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Held-out loss per source over its first `eval.batches` batches (the same ones every time), and
+        `loss`, the token-weighted mean over all sources."""
+        out, total, count = {}, 0.0, 0.0
+        for name in self.data.val:
+            s_sum = n_sum = 0.0
+            for i in range(self.data.val_batches(name, self.cfg.eval.batches)):
+                s, n = self.eval_fn(params, self._global(self.data.val_batch(name, i, self.local_rows)))
+                s_sum, n_sum = s_sum + float(s), n_sum + float(n)
+            out[f"{name}/loss"] = s_sum / max(n_sum, 1.0)
+            total, count = total + s_sum, count + n_sum
+        out["loss"] = total / max(count, 1.0)
+        return out
 
 
-def build(cfg: Config, devices: list[jax.Device] | None = None) -> Session:
+def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[str], None] | None = None,
+          tokenizer: Tokenizer | None = None) -> Session:
     """Construct the session for `cfg` on `devices` (default: all global devices).
 
-    Raises ConfigError for settings that only the devices can check (mesh and batch divisibility).
+    Raises ConfigError for settings that only the devices can check (mesh and batch divisibility) and
+    for data problems. `tokenizer` (e.g. the one a run or model version carries) overrides cfg.tokenizer.
     """
     if devices is None:
         sharding.maybe_initialize_distributed(cfg.distributed)
@@ -92,13 +103,13 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Session:
     schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
     try:
-        train_data, val_data = text_stream.train_and_val(cfg.data.path, cfg.data.val_fraction, cfg.train.batch_size,
-                                                         cfg.train.seq_len, cfg.data.seed)
-    except text_stream.DataError as e:
+        data = build_pipeline(cfg.data, cfg.tokenizer, cfg.train.batch_size, cfg.train.seq_len, tokenizer=tokenizer,
+                              log=log if jax.process_index() == 0 else None)
+    except (DataError, TokenizerError) as e:
         raise ConfigError(str(e)) from None
-    if train_data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{train_data.vocab_size}")
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary of "
+                          f"{data.vocab_size}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_as_tuples(rules)):
         boxed = jax.eval_shape(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len,
@@ -117,10 +128,16 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Session:
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(state_shardings.params, batch_sh),
                       out_shardings=replicated)
-    return Session(cfg=cfg, mesh=mesh, model=model, train_data=train_data, val_data=val_data,
+    return Session(cfg=cfg, mesh=mesh, model=model, data=data,
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
                    init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn)
+
+
+def run_tokenizer(run_dir: str) -> Tokenizer | None:
+    """The tokenizer a run saved (a resumed run keeps it, whatever the cache or sources say now)."""
+    has = any(os.path.isfile(os.path.join(run_dir, f)) for f in (TOKENIZER_FILE, BYTES_FILE))
+    return load_tokenizer(run_dir) if has else None
 
 
 class _StopFlag:
@@ -159,13 +176,14 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
 
     `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults).
     """
-    session = build(cfg)
-    lead = jax.process_index() == 0
     run_dir = os.path.abspath(cfg.run.dir)
+    session = build(cfg, log=log, tokenizer=run_tokenizer(run_dir))
+    lead = jax.process_index() == 0
     if lead:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        session.data.tokenizer.save(run_dir)  # the run is self-contained: its tokenizer travels with it
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if lead else None
     meta = {"config": config_to_dict(cfg)}
@@ -187,12 +205,12 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
         pending: list[tuple[int, dict]] = []
         eval_loss = None
         t_last, n_tokens = time.perf_counter(), 0.0
-        next_batch = prefetch.submit(session.batch, session.train_data, start)
+        next_batch = prefetch.submit(session.batch, start)
         step = start
         while step < cfg.train.steps:
             batch = next_batch.result()
             if step + 1 < cfg.train.steps:
-                next_batch = prefetch.submit(session.batch, session.train_data, step + 1)
+                next_batch = prefetch.submit(session.batch, step + 1)
             state, metrics = session.step_fn(state, batch)
             step += 1
             pending.append((step, metrics))
@@ -215,11 +233,16 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
                 if logger:
                     logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
             if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
-                eval_loss = session.evaluate(state.params)
+                evals = session.evaluate(state.params)
+                eval_loss = evals["loss"]
                 if logger:
-                    logger.write(step, {"loss": eval_loss}, prefix="eval")
+                    logger.write(step, evals, prefix="eval")
+                    logger.write(step, {f"{k}_tokens": v for k, v in session.data.tokens_seen(step).items()},
+                                 prefix="data")
                 if lead:
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                    per_source = ", ".join(f"{k.removesuffix('/loss')} {v:.4f}" for k, v in evals.items()
+                                           if k != "loss")
+                    bar.write(f"step {step}: eval loss {eval_loss:.4f} ({per_source})")
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
                 ckpt.save(step, state, meta, force=True)
             if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
@@ -230,4 +253,5 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
         ckpt.close()
     if logger:
         logger.close()
-    return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None}
+    return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None,
+            "tokens_seen": session.data.tokens_seen(step), "data": session.data.describe()}

@@ -10,14 +10,21 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One token cache for the whole test session (tests never touch ~/.cache)."""
+    return str(tmp_path_factory.mktemp("lmadapt-cache"))
+
+
 @pytest.fixture
-def tiny_config():
-    """The tiny run config with per-test overrides: `tiny_config("train.steps=3", run_dir=...)`."""
+def tiny_config(data_cache):
+    """The tiny run config with per-test overrides: `tiny_config("train.steps=3", "mesh.data=1")`."""
     from lmadapt.config import load_config
 
     def make(*overrides: str):
         return load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
-                           [f"data.path={os.path.join(ROOT, 'data', 'shakespeare.txt.xz')}", *overrides])
+                           [f"data.sources.0.path={os.path.join(ROOT, 'data', 'shakespeare.txt.xz')}",
+                            f"data.cache_dir={data_cache}", *overrides])
 
     return make
 

@@ -30,6 +30,15 @@ def test_base_include_and_overrides(tmp_path):
     assert cfg.model.n_kv_heads == 2 and cfg.mesh.rules == [["batch", "data"]]
 
 
+def test_source_list_and_indexed_overrides(tmp_path):
+    text = "data:\n  sources:\n    - {name: a, path: x.txt}\n    - {name: b, path: y.txt}\n"
+    path = write(tmp_path, "run.yaml", text)
+    cfg = load_config(path, ["data.sources.1.weight=3", "data.replay.fraction=0.25",
+                             "data.replay.sources=[{name: old, path: z.txt}]"])
+    assert [s.name for s in cfg.data.sources] == ["a", "b"] and cfg.data.sources[1].weight == 3.0
+    assert cfg.data.replay.sources[0].name == "old" and cfg.data.replay.fraction == 0.25
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "needle"),
     [
@@ -44,6 +53,14 @@ def test_base_include_and_overrides(tmp_path):
         ("mesh:\n  data: -1\n  fsdp: -1\n", [], "at most one axis set to -1"),
         ("train: [1, 2]\n", [], "key 'train': expected a mapping"),
         ("train:\n  steps: [\n", [], "not valid YAML"),
+        ("data:\n  sources:\n    - name: a\n      pth: x\n", [], "unknown key 'data.sources.0.pth'"),
+        ("data:\n  sources:\n    - name: a/b\n      path: x\n", [], "key 'data.sources.0.name' has value 'a/b'"),
+        ("data:\n  replay:\n    fraction: 0.2\n", [], "key 'data.replay.sources' has value []"),
+        ("", ["data.sources.3.path=x"], "data.sources is not set in the config file, so it has no entry 3"),
+        ("data:\n  sources: [{name: a, path: x}]\n", ["data.sources.3.path=x"],
+         "data.sources has 1 entries; '3' is not one of their indices"),
+        ("data:\n  sources:\n    - name: c\n      kind: jsonl\n      path: x\n      format: classification\n",
+         [], "key 'data.sources.0.labels' has value None"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, overrides, needle):

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 def common(run_dir):
     return ["--config", "configs/tiny.yaml", f"run.dir={run_dir}", "train.steps=3", "mesh.data=2", "mesh.fsdp=4",
-            "mesh.tensor=1", "logging.every=1", "logging.progress=false", "eval.every=3", "checkpoint.every=0"]
+            "mesh.tensor=1", "logging.every=1", "logging.progress=false", "eval.every=3", "checkpoint.every=0",
+            f"data.cache_dir={run_dir.parent / 'cache'}"]
 
 
 def losses(run_dir):

@@ -16,7 +16,7 @@ def run_steps(cfg, devices, n_steps=3):
     with session.activate():
         state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
         for step in range(n_steps):
-            state, metrics = session.step_fn(state, session.batch(session.train_data, step))
+            state, metrics = session.step_fn(state, session.batch(step))
             losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -19,7 +19,7 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 def overrides(run_dir, steps=12):
     return [f"run.dir={run_dir}", f"train.steps={steps}", "checkpoint.every=3", "eval.every=6", "logging.every=1",
-            "logging.progress=false", "mesh.data=1"]
+            "logging.progress=false", "mesh.data=1", f"data.cache_dir={os.path.dirname(run_dir)}/cache"]
 
 
 def final_params(run_dir):
@@ -43,6 +43,8 @@ def test_train_py_runs_logs_and_checkpoints(tmp_path):
     assert any("eval/loss" in r for r in rows)
     assert sorted(os.listdir(run_dir / "checkpoints")) >= ["3", "6"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tb"))
+    assert (run_dir / "tokenizer.bytes").is_file()  # the run carries its tokenizer
+    assert any("data/shakespeare_tokens" in r for r in rows) and any("eval/shakespeare/loss" in r for r in rows)
 
     # eval.py on the final checkpoint reproduces the loop's own final eval loss.
     loop_eval = [r["eval/loss"] for r in rows if "eval/loss" in r and r["step"] == 6]
@@ -51,6 +53,7 @@ def test_train_py_runs_logs_and_checkpoints(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == 6
     np.testing.assert_allclose(result["loss"], loop_eval[0], rtol=1e-6)
+    np.testing.assert_allclose(result["sources"]["shakespeare"]["loss"], loop_eval[0], rtol=1e-6)
     missing = run_cmd(["eval.py", "--run", str(run_dir), "--step", "4"], env=ONE_DEVICE)
     assert missing.returncode == 2 and "no checkpoint at step 4" in missing.stderr
 

@@ -11,6 +11,7 @@ attention's score and value matmuls, forward and backward).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -48,6 +49,28 @@ def flops_per_token(m: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n + 12 * m.n_layers * seq_len * m.n_heads * m.dim_per_head
 
 
+def bench_pipeline(cfg, steps: int = 50) -> dict[str, float]:
+    """Input pipeline throughput: a cold build (read, tokenize, pack, into an empty cache), a warm build
+    (from the cache), and batch assembly tokens/s, all single-threaded on the host."""
+    import tempfile
+
+    from lmadapt.data.pipeline import build_pipeline
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        data = dataclasses.replace(cfg.data, cache_dir=cache)
+        for kind in ("cold", "warm"):
+            t = time.perf_counter()
+            pipe = build_pipeline(data, cfg.tokenizer, cfg.train.batch_size, cfg.train.seq_len)
+            out[f"{kind}_build_s"] = time.perf_counter() - t
+        out["source_tokens"] = float(sum(len(c.rows.tokens) for c in pipe.components))
+        t = time.perf_counter()
+        for step in range(steps):
+            pipe.batch(step)
+        out["batch_tokens_per_s"] = steps * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - t)
+    return out
+
+
 def peak_memory_bytes() -> tuple[str, float]:
     """Device peak where the backend reports it (GPU/TPU), else this process's peak RSS."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -71,7 +94,7 @@ def main() -> int:
     m = cfg.model
     with session.activate():
         state = session.init_fn(jax.random.PRNGKey(0))
-        batch = session.batch(session.train_data, 0)
+        batch = session.batch(0)
         t = time.perf_counter()
         compiled = session.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
@@ -79,7 +102,7 @@ def main() -> int:
         jax.block_until_ready(metrics)
         times = []
         for step in range(1, args.steps + 1):
-            batch = session.batch(session.train_data, step)
+            batch = session.batch(step)
             t = time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
@@ -111,6 +134,13 @@ def main() -> int:
         print(f"matmul peak bf16:    {peak16 / 1e9:,.1f} GFLOP/s  -> MFU {achieved / peak16:.1%}")
     print(f"{mem_kind + ':':<20} {mem / 2**30:.2f} GiB ({mem / n_params:.1f} bytes/param)")
     print(f"final loss:          {float(np.asarray(metrics['loss'])):.4f}")
+    pipe = bench_pipeline(cfg)
+    cold_tok_s = pipe["source_tokens"] / pipe["cold_build_s"]
+    print(f"input pipeline:      cold {pipe['cold_build_s']:.2f} s ({cold_tok_s:,.0f} tokens/s read+tokenize+pack)"
+          f", warm {pipe['warm_build_s']:.2f} s "
+          f"({pipe['source_tokens'] / pipe['warm_build_s']:,.0f} tokens/s)")
+    print(f"batch assembly:      {pipe['batch_tokens_per_s']:,.0f} tokens/s = "
+          f"{pipe['batch_tokens_per_s'] / tok_s:,.0f}x what the train step consumes")
     return 0
 
 

@@ -1,1 +1,8 @@
-"""Training data: sources of token rows, addressed by (step, rows) so any process can build its share."""
+"""Training data: sources, tokenization cache, packing and deterministic mixtures.
+
+Every batch is a pure function of (seed, step): any process can build its own rows of any step.
+"""
+
+
+class DataError(ValueError):
+    """A data problem, naming the source, file (and line) and what is wrong."""

@@ -1,0 +1,136 @@
+"""Packing documents into fixed-length rows with segment ids and positions.
+
+A document of n tokens gives n-1 (input, target) pairs. Documents longer than a row are cut into
+pieces of at most `seq_len` pairs (or truncated, by policy); pieces are packed whole into rows
+(next-fit), each piece its own segment with positions from 0, so the model's segment mask keeps them
+apart and every input token of the split lands in exactly one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]  # tokens, targets, positions, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]
+
+
+@dataclasses.dataclass
+class PackStats:
+    documents: int = 0
+    pieces: int = 0
+    split_documents: int = 0  # long documents cut into several pieces (long_docs: split)
+    truncated_tokens: int = 0  # tokens dropped from long documents (long_docs: truncate)
+    input_tokens: int = 0
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Rows of one split of one source. Row r holds pieces `order[row_offsets[r]:row_offsets[r + 1]]`."""
+
+    tokens: np.ndarray
+    weights: np.ndarray | None
+    piece_start: np.ndarray  # int64: first input token of each piece in `tokens`
+    piece_len: np.ndarray  # int64: number of (input, target) pairs
+    row_offsets: np.ndarray  # int64 [n_rows + 1] into the pieces (already in packing order)
+    seq_len: int
+    pad_id: int
+    stats: PackStats
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def row_pieces(self, r: int) -> list[tuple[int, int]]:
+        """(start, pairs) of each piece in row r."""
+        lo, hi = self.row_offsets[r], self.row_offsets[r + 1]
+        return list(zip(self.piece_start[lo:hi].tolist(), self.piece_len[lo:hi].tolist(), strict=True))
+
+    def row_loss_tokens(self) -> np.ndarray:
+        """Per row, the number of target tokens that carry loss (what "tokens trained" counts)."""
+        if self.weights is None:
+            per_piece = self.piece_len
+        else:
+            cum = np.concatenate([[0], np.cumsum(self.weights, dtype=np.int64)])
+            per_piece = cum[self.piece_start + self.piece_len + 1] - cum[self.piece_start + 1]
+        cum_rows = np.concatenate([[0], np.cumsum(per_piece, dtype=np.int64)])
+        return cum_rows[self.row_offsets[1:]] - cum_rows[self.row_offsets[:-1]]
+
+    def rows(self, indices: np.ndarray) -> Batch:
+        """The rows `indices` as a batch; an index of -1 gives an empty (fully masked) row."""
+        b, t = len(indices), self.seq_len
+        out = {
+            "tokens": np.full((b, t), self.pad_id, np.int32),
+            "targets": np.full((b, t), self.pad_id, np.int32),
+            "positions": np.zeros((b, t), np.int32),
+            "segment_ids": np.zeros((b, t), np.int32),
+            "loss_mask": np.zeros((b, t), np.float32),
+        }
+        for i, r in enumerate(np.asarray(indices).tolist()):
+            if r < 0:
+                continue
+            col = 0
+            for seg, (start, n) in enumerate(self.row_pieces(r), start=1):
+                span = slice(col, col + n)
+                out["tokens"][i, span] = self.tokens[start:start + n]
+                out["targets"][i, span] = self.tokens[start + 1:start + n + 1]
+                out["positions"][i, span] = np.arange(n)
+                out["segment_ids"][i, span] = seg
+                out["loss_mask"][i, span] = 1.0 if self.weights is None else self.weights[start + 1:start + n + 1]
+                col += n
+        return out
+
+
+def make_pieces(doc_starts: np.ndarray, doc_ids: np.ndarray, seq_len: int,
+                long_docs: str) -> tuple[np.ndarray, np.ndarray, PackStats]:
+    """Cut the documents `doc_ids` (in that order) into pieces of at most `seq_len` pairs."""
+    starts = doc_starts[doc_ids]
+    pairs = doc_starts[doc_ids + 1] - starts - 1
+    keep = pairs > 0  # a one-token document has nothing to predict
+    starts, pairs = starts[keep], pairs[keep]
+    stats = PackStats(documents=int(keep.sum()))
+    if long_docs == "truncate":
+        stats.truncated_tokens = int(np.maximum(pairs - seq_len, 0).sum())
+        piece_start, piece_len = starts, np.minimum(pairs, seq_len)
+    else:
+        counts = -(-pairs // seq_len)
+        stats.split_documents = int((counts > 1).sum())
+        doc_of_piece = np.repeat(np.arange(len(starts)), counts)
+        first_piece = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        k = np.arange(len(doc_of_piece)) - first_piece[doc_of_piece]  # piece number within its document
+        piece_start = starts[doc_of_piece] + k * seq_len
+        piece_len = np.minimum(pairs[doc_of_piece] - k * seq_len, seq_len)
+    stats.pieces = len(piece_start)
+    stats.input_tokens = int(piece_len.sum())
+    return piece_start.astype(np.int64), piece_len.astype(np.int64), stats
+
+
+def next_fit(piece_len: np.ndarray, seq_len: int) -> np.ndarray:
+    """Row offsets packing pieces in order: a piece opens a new row when the current one cannot hold it."""
+    offsets = [0]
+    used = 0
+    for i, n in enumerate(piece_len.tolist()):
+        if used + n > seq_len:
+            offsets.append(i)
+            used = 0
+        used += n
+    if len(piece_len):
+        offsets.append(len(piece_len))
+    return np.asarray(offsets, np.int64)
+
+
+def pack(tokens: np.ndarray, weights: np.ndarray | None, doc_starts: np.ndarray, doc_ids: np.ndarray, seq_len: int,
+         pad_id: int, long_docs: str = "split", shuffle_seed: int | None = None) -> PackedRows:
+    """Pack documents `doc_ids` into rows; with `shuffle_seed`, pieces are shuffled once before packing."""
+    piece_start, piece_len, stats = make_pieces(doc_starts, doc_ids, seq_len, long_docs)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(piece_start))
+        piece_start, piece_len = piece_start[order], piece_len[order]
+    # Full pieces fill a row each; only the shorter ones share rows, so a full piece never lands
+    # behind a short one and wastes the rest of its row.
+    full = piece_len == seq_len
+    n_full = int(full.sum())
+    piece_start = np.concatenate([piece_start[full], piece_start[~full]])
+    piece_len = np.concatenate([piece_len[full], piece_len[~full]])
+    offsets = np.concatenate([np.arange(n_full, dtype=np.int64), n_full + next_fit(piece_len[n_full:], seq_len)])
+    return PackedRows(tokens, weights, piece_start, piece_len, offsets, seq_len, pad_id, stats)

@@ -1,0 +1,194 @@
+"""Data sources: local text, JSONL and tensorflow-datasets, read into documents with a fingerprint.
+
+A document is text to train on, optionally with a prompt before it whose tokens are context only
+(no loss). The fingerprint names exactly what was read (files with sizes and hashes, or a tfds
+name and version); it keys the token cache and goes into the record of every model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import sysconfig
+from typing import Any
+
+from lmadapt.config import SourceConfig
+from lmadapt.data import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """`text` is trained on; `prompt` (if any) precedes it as context without loss."""
+
+    text: str
+    prompt: str | None = None
+
+
+@dataclasses.dataclass
+class SourceRead:
+    """What reading a source produced: documents, a fingerprint, and counted anomalies."""
+
+    documents: list[Document]
+    fingerprint: dict[str, Any]
+    replaced_chars: int = 0  # undecodable bytes replaced with U+FFFD (decode_errors: replace)
+
+
+def list_files(pattern: str, what: str) -> list[str]:
+    """Files named by a path, a folder (recursively, sorted) or a glob; an error if there are none."""
+    # `{stdlib}`: the running Python's standard library, a code corpus present on every machine.
+    expanded = os.path.expanduser(pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"]))
+    if os.path.isdir(expanded):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(expanded) for f in names
+                       if not f.startswith("."))
+    elif any(c in expanded for c in "*?["):
+        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    else:
+        raise DataError(f"{what}: path {pattern!r} not found")
+    if not files:
+        raise DataError(f"{what}: {pattern!r} matches no files")
+    return files
+
+
+def read_bytes(path: str) -> bytes:
+    """Raw bytes of a plain, .gz or .xz file."""
+    opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, lzma.LZMAError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def decode(raw: bytes, path: str, policy: str) -> tuple[str, int]:
+    """UTF-8 text and the number of replaced characters; `policy` "fail" raises naming file and byte."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if policy == "fail":
+            raise DataError(f"{path}: not UTF-8 at byte {e.start} (set data.decode_errors=replace to replace and "
+                            f"count such bytes)") from None
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def file_fingerprint(path: str, raw: bytes) -> dict[str, Any]:
+    return {"path": os.path.abspath(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def split_documents(text: str, rule: str, max_chars: int) -> list[str]:
+    """Cut one file's text into documents: whole, at blank lines, or at line ends near `max_chars`."""
+    if rule == "file":
+        return [text] if text.strip() else []
+    if rule == "blank_line":
+        return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+    docs, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end  # a line longer than max_chars is cut mid-line
+        chunk = text[start:end]
+        if chunk.strip():
+            docs.append(chunk)
+        start = end
+    return docs
+
+
+def read_source(src: SourceConfig, decode_errors: str = "replace") -> SourceRead:
+    """Read every document of `src`. Errors name the source, the file and (for JSONL) the line."""
+    what = f"source {src.name!r}"
+    if src.kind == "tfds":
+        return _read_tfds(src, what)
+    files = list_files(src.path or "", what)
+    docs: list[Document] = []
+    prints, replaced = [], 0
+    for path in files:
+        raw = read_bytes(path)
+        prints.append(file_fingerprint(path, raw))
+        text, bad = decode(raw, path, decode_errors)
+        replaced += bad
+        if src.kind == "text":
+            docs.extend(Document(d) for d in split_documents(text, src.documents, src.max_chars))
+        else:
+            docs.extend(_jsonl_documents(text, path, src))
+    if not docs:
+        raise DataError(f"{what}: {src.path!r} holds no documents (all files empty)")
+    fingerprint = {"kind": src.kind, "files": prints, **_reading_rule(src)}
+    return SourceRead(docs, fingerprint, replaced)
+
+
+def _reading_rule(src: SourceConfig) -> dict[str, Any]:
+    # The settings that change which documents come out of the same files (part of the cache key).
+    if src.kind == "text":
+        return {"documents": src.documents, "max_chars": src.max_chars}
+    rule = {"format": src.format}
+    if src.format == "text":
+        rule["text_field"] = src.text_field
+    elif src.format == "prompt_completion":
+        rule.update(prompt_field=src.prompt_field, completion_field=src.completion_field)
+    else:
+        rule.update(text_field=src.text_field, label_field=src.label_field, labels=src.labels,
+                    template=src.template)
+    return rule
+
+
+def _jsonl_documents(text: str, path: str, src: SourceConfig) -> list[Document]:
+    docs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if src.format == "text":
+            docs.append(Document(_field(record, src.text_field, where)))
+        elif src.format == "prompt_completion":
+            docs.append(Document(_field(record, src.completion_field, where),
+                                 prompt=_field(record, src.prompt_field, where)))
+        else:
+            label = record.get(src.label_field)
+            labels = src.labels or []
+            if str(label) not in labels:
+                raise DataError(f"{where}: label {label!r} is not in the label set {labels} of source {src.name!r}")
+            prompt = src.template.replace("{text}", _field(record, src.text_field, where))
+            docs.append(Document(" " + str(label), prompt=prompt))
+    return docs
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        raise DataError(f"{where}: no field {name!r} (fields: {', '.join(sorted(record)) or 'none'})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _read_tfds(src: SourceConfig, what: str) -> SourceRead:
+    from lmadapt.data.tfds_source import read_tfds_texts  # tfds is slow to import; only when used
+
+    try:
+        texts, fingerprint = read_tfds_texts(src.dataset or "", src.split, src.feature, src.data_dir)
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
+    docs = [Document(t) for t in texts if t.strip()]
+    if not docs:
+        raise DataError(f"{what}: tfds {src.dataset!r} split {src.split!r} holds no non-empty {src.feature!r} texts")
+    return SourceRead(docs, fingerprint)
+
+
+def classification_prompts(src: SourceConfig, text: str) -> tuple[str, list[str]]:
+    """The prompt for `text` and the continuations to rank (" " + label), as training renders them."""
+    return src.template.replace("{text}", text), [" " + label for label in (src.labels or [])]
