@@ -105,6 +105,7 @@ class DistributedConfig:
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -204,7 +205,8 @@ class ScheduleConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps; 0 disables periodic saves (a final and a preemption save still happen)
-    keep: int = 3
+    keep: int = 3  # the newest N checkpoints...
+    keep_every: int = 0  # ...plus every checkpoint at a multiple of this many steps (0: none)
     async_save: bool = True
 
 
@@ -228,6 +230,29 @@ class RunConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where a run's params start: fresh (both null), a lineage version, or a Hugging Face directory."""
+
+    from_version: str | None = None
+    from_hf: str | None = None
+
+
+@dataclass
+class LineageConfig:
+    """`dir`: the lineage that `init.from_version` reads and a finished run publishes into (null: no publish)."""
+
+    dir: str | None = None
+
+
+@dataclass
+class VersionConfig:
+    """The version a finished run publishes: `id` (null: generated from the time and run) and a note."""
+
+    id: str | None = None
+    note: str = ""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +266,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    lineage: LineageConfig = field(default_factory=LineageConfig)
+    version: VersionConfig = field(default_factory=VersionConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +295,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     cfg = _build(Config, raw, prefix="", origin=origin)
     validate(cfg, origin)
     return cfg
+
+
+def section_from_dict(cls: type, raw: dict[str, Any], origin: str = "<dict>", prefix: str = "") -> Any:
+    """One config section (e.g. ModelConfig) from a plain dict, with the same checks as a YAML file."""
+    return _build(cls, raw, prefix=prefix, origin=origin)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -485,11 +518,19 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
 
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "an integer >= 0")
     need(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "a positive integer")
+    need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", cfg.checkpoint.keep_every, "an integer >= 0")
     need(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "an integer >= 0")
     need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
     need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
     _validate_data(cfg, need)
+    need(cfg.init.from_version is None or cfg.init.from_hf is None, "init.from_hf", cfg.init.from_hf,
+         "null when init.from_version is set (a run starts from one place)")
+    need(cfg.init.from_version is None or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
+         "the lineage directory that holds init.from_version")
+    for key, vid in (("init.from_version", cfg.init.from_version), ("version.id", cfg.version.id)):
+        need(vid is None or (_VERSION_RE.fullmatch(vid) is not None and ".." not in vid), key, vid,
+             "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")
 
 
 def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:

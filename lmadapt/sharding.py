@@ -33,7 +33,7 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> bool:
     detect SLURM, TPU VMs and the `JAX_COORDINATOR_ADDRESS` style variables. Returns whether it ran.
     Must run before anything touches a device.
     """
-    if cfg.mode == "off":
+    if cfg.mode == "off" or jax.distributed.is_initialized():
         return False
     cluster_env = any(k in os.environ for k in ("SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
                                                 "MEGASCALE_COORDINATOR_ADDRESS"))

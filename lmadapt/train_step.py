@@ -39,6 +39,12 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
+def state_from_params(params: Any, rng: jax.Array, tx: optax.GradientTransformation) -> TrainState:
+    """A state at step 0 around given params (a run started from a model version): fresh optimizer state."""
+    _, state_rng = jax.random.split(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+
 def token_loss_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropies and the number of counted tokens (both float32)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)

@@ -31,7 +31,8 @@ from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
 from lmadapt.optim import make_optimizer, make_schedule
 from lmadapt.tokenizer import BYTES_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
-from lmadapt.train_step import TrainState, eval_step, init_state, train_step
+from lmadapt.train_step import TrainState, eval_step, init_state, state_from_params, train_step
+from lmadapt.versioning import publish_run, resolve_origin
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class Session:
     batch_sharding: jax.sharding.NamedSharding
     local_rows: slice
     init_fn: Callable[[jax.Array], TrainState]
+    init_from_fn: Callable[[Any, jax.Array], TrainState]  # (params, rng): start from given params
     step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_fn: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 
@@ -122,6 +124,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
 
     init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len),
                       out_shardings=state_shardings)
+    init_from_fn = jax.jit(functools.partial(state_from_params, tx=tx), out_shardings=state_shardings)
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                         microbatches=cfg.train.microbatches),
                       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
@@ -131,7 +134,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
     return Session(cfg=cfg, mesh=mesh, model=model, data=data,
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
-                   init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn)
+                   init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn)
 
 
 def run_tokenizer(run_dir: str) -> Tokenizer | None:
@@ -176,8 +179,11 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
 
     `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults).
     """
+    sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a device
     run_dir = os.path.abspath(cfg.run.dir)
-    session = build(cfg, log=log, tokenizer=run_tokenizer(run_dir))
+    origin = resolve_origin(cfg)
+    cfg = origin.cfg
+    session = build(cfg, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer)
     lead = jax.process_index() == 0
     if lead:
         os.makedirs(run_dir, exist_ok=True)
@@ -193,6 +199,10 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
         if latest is not None:
             state, _ = ckpt.restore(latest, session.abstract_state)
             log(f"resumed from {ckpt.directory / str(latest)}")
+        elif origin.load_params is not None:
+            params = origin.load_params(session.abstract_state.params)
+            state = session.init_from_fn(params, jax.random.PRNGKey(cfg.run.seed))
+            log(f"starting from {origin.description}")
         else:
             state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
         start = int(state.step)
@@ -203,7 +213,7 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (lead and cfg.logging.progress),
                    dynamic_ncols=True, unit="step")
         pending: list[tuple[int, dict]] = []
-        eval_loss = None
+        eval_loss, evals = None, None
         t_last, n_tokens = time.perf_counter(), 0.0
         next_batch = prefetch.submit(session.batch, start)
         step = start
@@ -251,7 +261,13 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
                 break
         bar.close()
         ckpt.close()
+        version = None
+        if step == cfg.train.steps and stop.signal is None:
+            evals = evals if evals is not None else session.evaluate(state.params)
+            version = publish_run(cfg, origin, state, session.data.tokenizer, data=session.data.describe(),
+                                  tokens_seen=session.data.tokens_seen(step),
+                                  metrics={f"eval/{k}": v for k, v in evals.items()}, log=log)
     if logger:
         logger.close()
     return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None,
-            "tokens_seen": session.data.tokens_seen(step), "data": session.data.describe()}
+            "tokens_seen": session.data.tokens_seen(step), "data": session.data.describe(), "version": version}

@@ -1,0 +1,185 @@
+"""Model-version lineage: parents, write-once, atomic publish, tamper detection, the CLI, train.py."""
+
+import json
+import os
+import signal
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from helpers import run_cmd
+from lmadapt.config import ModelConfig
+from lmadapt.lineage import Lineage, LineageError, check_version_id
+from lmadapt.model import init_params
+from lmadapt.tokenizer import ByteTokenizer
+
+CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+
+
+def params(seed):
+    return nn.unbox(init_params(CFG, jax.random.PRNGKey(seed)))
+
+
+def snapshot(directory):
+    """Every file under a directory with its bytes (to prove an operation changed nothing)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), directory)] = fh.read()
+    return out
+
+
+def test_publish_load_and_parent_chain(tmp_path):
+    lineage = Lineage(str(tmp_path / "lin"))
+    p0, p1 = params(0), params(1)
+    lineage.publish("v0", p0, CFG, ByteTokenizer(), parents=[], steps=5, tokens=100, note="base")
+    lineage.publish("v1", p1, CFG, ByteTokenizer(), parents=["v0"], steps=7, tokens=50,
+                    artifacts={"fisher": jax.tree.map(np.abs, p1)})
+    lineage.publish("v2", p0, CFG, ByteTokenizer(), parents=["v1"])
+    assert lineage.ids() == ["v0", "v1", "v2"]
+    assert lineage.ancestry("v2") == ["v2", "v1", "v0"]
+    assert lineage.record("v1")["parents"] == ["v0"] and lineage.record("v0")["note"] == "base"
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(lineage.load_params("v1")), strict=True):
+        np.testing.assert_array_equal(x, y)
+    fisher = lineage.load_artifact("v1", "fisher")
+    np.testing.assert_array_equal(fisher["embed"]["embedding"], np.abs(p1["embed"]["embedding"]))
+    assert lineage.model_config("v1") == CFG
+    stacked = lineage.load_params("v1", scan_layers=True)
+    np.testing.assert_array_equal(stacked["layers"]["attn"]["q"]["kernel"][1], p1["layers_1"]["attn"]["q"]["kernel"])
+    with pytest.raises(LineageError, match="parent version 'nope' of 'v3' is not in lineage"):
+        lineage.publish("v3", p0, CFG, ByteTokenizer(), parents=["nope"])
+    with pytest.raises(LineageError, match="no version 'v9'"):
+        lineage.record("v9")
+
+
+def test_second_publish_of_an_id_fails_and_changes_nothing(tmp_path):
+    lineage = Lineage(str(tmp_path / "lin"))
+    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    before = snapshot(tmp_path / "lin")
+    with pytest.raises(LineageError, match="version 'v0' already exists"):
+        lineage.publish("v0", params(1), CFG, ByteTokenizer(), parents=[])
+    assert snapshot(tmp_path / "lin") == before
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "", ".hidden", "x..y", "a" * 200, "v 1"])
+def test_version_ids_are_validated(bad):
+    with pytest.raises(LineageError, match="is not valid"):
+        check_version_id(bad)
+
+
+def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
+    lin = tmp_path / "lin"
+    Lineage(str(lin)).publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    # The child process dies at the commit rename, after its params are fully written.
+    script = textwrap.dedent(f"""
+        import os, signal
+        import flax.linen as nn, jax
+        from lmadapt.config import ModelConfig
+        from lmadapt.lineage import Lineage
+        from lmadapt.model import init_params
+        from lmadapt.tokenizer import ByteTokenizer
+        cfg = ModelConfig(**{CFG.__dict__!r})
+        real_rename = os.rename
+        os.rename = lambda a, b: os.kill(os.getpid(), signal.SIGKILL) if "/versions/" in str(b) else real_rename(a, b)
+        Lineage({str(lin)!r}).publish("v1", nn.unbox(init_params(cfg, jax.random.PRNGKey(1))), cfg, ByteTokenizer(),
+                                      parents=["v0"])
+    """)
+    result = run_cmd(["-c", script])
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    lineage = Lineage(str(lin))
+    assert lineage.ids() == ["v0"] and lineage.verify("v0") == []
+    assert not lineage.exists("v1")
+    # The half-written staging copy does not block a later publish of the same id.
+    lineage.publish("v1", params(1), CFG, ByteTokenizer(), parents=["v0"])
+    assert lineage.ids() == ["v0", "v1"] and lineage.verify("v1") == []
+
+
+def test_verify_catches_a_flipped_byte(tmp_path):
+    lineage = Lineage(str(tmp_path / "lin"))
+    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    assert lineage.verify("v0") == []
+    data_files = [os.path.join(r, f) for r, _, fs in os.walk(lineage.path("v0") + "/params") for f in fs
+                  if "/d/" in os.path.join(r, f)]
+    victim = max(data_files, key=os.path.getsize)  # the biggest array chunk
+    with open(victim, "rb") as f:
+        raw = bytearray(f.read())
+    raw[len(raw) // 2] ^= 0x01
+    with open(victim, "wb") as f:
+        f.write(bytes(raw))
+    problems = lineage.verify("v0")
+    assert any("contents changed" in p and os.path.relpath(victim, lineage.path("v0")) in p for p in problems)
+    out = run_cmd(["tools/lineage.py", "--dir", str(tmp_path / "lin"), "verify"])
+    assert out.returncode == 1 and "v0: TAMPERED" in out.stdout
+
+
+def test_metrics_added_later_do_not_touch_the_version(tmp_path):
+    lineage = Lineage(str(tmp_path / "lin"))
+    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[], metrics={"eval/loss": 2.5})
+    before = snapshot(lineage.path("v0"))
+    lineage.add_metrics("v0", "books:abc123", {"loss": 2.0})
+    assert lineage.metrics("v0") == {"eval/loss": 2.5, "books:abc123": {"loss": 2.0}}
+    assert snapshot(lineage.path("v0")) == before and lineage.verify("v0") == []
+
+
+def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
+    lin, cache = tmp_path / "lin", tmp_path / "cache"
+    common = ["train.py", "--config", "configs/tiny.yaml", "train.steps=4", "logging.progress=false", "mesh.data=1",
+              "checkpoint.every=0", "eval.every=0", f"lineage.dir={lin}", f"data.cache_dir={cache}"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    first = run_cmd([*common, f"run.dir={tmp_path / 'r0'}", "version.id=base", "version.note=first"], env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cmd([*common, f"run.dir={tmp_path / 'r1'}", "init.from_version=base", "version.id=child"], env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "starting from version 'base'" in second.stdout and "published version 'child'" in second.stdout
+    # Restarting a finished run does not publish again.
+    again = run_cmd([*common, f"run.dir={tmp_path / 'r1'}", "init.from_version=base", "version.id=child"], env=env)
+    assert again.returncode == 0 and "already published as version 'child'" in again.stdout
+    # A new run may not take an existing id; the message names it.
+    taken = run_cmd([*common, f"run.dir={tmp_path / 'r2'}", "version.id=base"], env=env)
+    assert taken.returncode == 2 and "version.id 'base' already exists" in taken.stderr
+    missing = run_cmd([*common, f"run.dir={tmp_path / 'r3'}", "init.from_version=nope"], env=env)
+    assert missing.returncode == 2 and "init.from_version" in missing.stderr and "no version 'nope'" in missing.stderr
+
+    lineage = Lineage(str(lin))
+    rec = lineage.record("child")
+    assert rec["parents"] == ["base"] and rec["steps"] == 4 and rec["tokens"] == 4 * 8 * 64
+    assert rec["data"]["sources"]["shakespeare"]["fingerprint"]["files"][0]["sha256"]
+    assert rec["data"]["tokens_seen"] == {"shakespeare": 4 * 8 * 64} and "eval/loss" in rec["metrics"]
+    assert rec["config"]["init"]["from_version"] == "base"
+
+    def cli(*args):
+        out = run_cmd(["tools/lineage.py", "--dir", str(lin), *args])
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert [line.split()[0] for line in cli("list").splitlines()[1:]] == ["base", "child"]
+    assert cli("tree").splitlines()[1].startswith("└── child")
+    assert json.loads(cli("show", "child"))["parents"] == ["base"]
+    diff = cli("diff", "base", "child")
+    assert "init.from_version: None -> 'base'" in diff and "layers_0" in diff
+    change = float(next(line.split()[1] for line in diff.splitlines() if line.strip().startswith("layers_0")))
+    assert 0 < change < 1
+    assert cli("verify") == "base: ok\nchild: ok\n"
+    bad = run_cmd(["tools/lineage.py", "--dir", str(lin), "show", "../x"])
+    assert bad.returncode == 2 and "is not valid" in bad.stderr
+
+    # Export to Hugging Face and import back as a root version: the same params, bit for bit.
+    hf_dir = tmp_path / "hf_child"
+    assert "exported child" in cli("export", "child", "--out", str(hf_dir))
+    assert (hf_dir / "model.safetensors").is_file() and json.loads((hf_dir / "config.json").read_text())[
+        "architectures"] == ["LlamaForCausalLM"]
+    assert "as version child-again" in cli("import-hf", str(hf_dir), "--id", "child-again")
+    assert lineage.record("child-again")["params_hash"] == rec["params_hash"]
+    assert lineage.record("child-again")["parents"] == []
+    refused = run_cmd(["tools/lineage.py", "--dir", str(lin), "export", "child", "--out", str(hf_dir)])
+    assert refused.returncode == 2 and "error:" in refused.stderr
+
+    # train.py from Hugging Face weights: the import becomes (or reuses) a root version, the run its child.
+    from_hf = run_cmd([*common, f"run.dir={tmp_path / 'r4'}", f"init.from_hf={hf_dir}", "version.id=from-hf"], env=env)
+    assert from_hf.returncode == 0, from_hf.stderr[-3000:]
+    (root,) = lineage.record("from-hf")["parents"]
+    assert root.startswith("hf-hf_child-") and lineage.record(root)["params_hash"] == rec["params_hash"]

@@ -1,0 +1,226 @@
+"""Inspect and manage a lineage of model versions.
+
+    python tools/lineage.py --dir LINEAGE list
+    python tools/lineage.py --dir LINEAGE show ID
+    python tools/lineage.py --dir LINEAGE tree
+    python tools/lineage.py --dir LINEAGE diff A B
+    python tools/lineage.py --dir LINEAGE verify [ID ...]          # exit 1 if anything was tampered with
+    python tools/lineage.py --dir LINEAGE export ID --out DIR [--format hf|safetensors] [--dtype bfloat16]
+    python tools/lineage.py --dir LINEAGE import-hf HF_DIR [--id ID] [--note TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from lmadapt.lineage import Lineage, LineageError  # noqa: E402
+
+
+def cmd_list(lineage: Lineage, args: argparse.Namespace) -> int:
+    ids = lineage.ids()
+    if not ids:
+        print(f"lineage {lineage.directory} has no versions")
+        return 0
+    rows = [("id", "parents", "created", "steps", "tokens", "eval/loss", "note")]
+    for vid in ids:
+        r = lineage.record(vid)
+        loss = r.get("metrics", {}).get("eval/loss")
+        rows.append((vid, ",".join(r["parents"]) or "-", r["created"][:19], str(r["steps"]), f"{r['tokens']:,}",
+                     f"{loss:.4f}" if isinstance(loss, float) else "-", r.get("note", "")[:40]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_show(lineage: Lineage, args: argparse.Namespace) -> int:
+    record = lineage.record(args.id)
+    record = {**record, "metrics": lineage.metrics(args.id)}
+    if not args.full:
+        record["config"] = "(omitted; --full shows it)"
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_tree(lineage: Lineage, args: argparse.Namespace) -> int:
+    ids = lineage.ids()
+    children: dict[str, list[str]] = {v: [] for v in ids}
+    roots = []
+    for vid in ids:
+        parents = lineage.parents(vid)
+        if parents:
+            children.setdefault(parents[0], []).append(vid)
+        else:
+            roots.append(vid)
+
+    def show(vid: str, prefix: str, last: bool, top: bool) -> None:
+        r = lineage.record(vid)
+        extra = f"  (+ parents {', '.join(r['parents'][1:])})" if len(r["parents"]) > 1 else ""
+        label = f"{vid}  steps={r['steps']} tokens={r['tokens']:,}{extra}"
+        print(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+        kids = children.get(vid, [])
+        for i, kid in enumerate(kids):
+            show(kid, prefix if top else prefix + ("    " if last else "│   "), i == len(kids) - 1, False)
+
+    for root in roots:
+        show(root, "", True, True)
+    return 0
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def cmd_diff(lineage: Lineage, args: argparse.Namespace) -> int:
+    import jax
+
+    a, b = lineage.record(args.a), lineage.record(args.b)
+    fa, fb = _flat(a.get("config", {})), _flat(b.get("config", {}))
+    print(f"config ({args.a} -> {args.b}):")
+    changed = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    for k in changed:
+        print(f"  {k}: {fa.get(k, '<unset>')!r} -> {fb.get(k, '<unset>')!r}")
+    if not changed:
+        print("  (same)")
+    sa, sb = a.get("data", {}).get("sources", {}), b.get("data", {}).get("sources", {})
+    print("data:")
+    for name in sorted(set(sa) | set(sb)):
+        if name not in sa:
+            print(f"  + {name}: weight {sb[name].get('weight')}")
+        elif name not in sb:
+            print(f"  - {name}")
+        elif sa[name].get("fingerprint") != sb[name].get("fingerprint"):
+            print(f"  ~ {name}: different files or contents")
+        else:
+            print(f"  = {name}")
+    ta, tb = a.get("data", {}).get("tokens_seen", {}), b.get("data", {}).get("tokens_seen", {})
+    for name in sorted(set(ta) | set(tb)):
+        print(f"    tokens {name}: {ta.get(name, 0):,} -> {tb.get(name, 0):,}")
+    pa, pb = lineage.load_params(args.a, scan_layers=False), lineage.load_params(args.b, scan_layers=False)
+    flat_a = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+              for p, x in jax.tree_util.tree_flatten_with_path(pa)[0]}
+    flat_b = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+              for p, x in jax.tree_util.tree_flatten_with_path(pb)[0]}
+    if set(flat_a) != set(flat_b) or any(flat_a[k].shape != flat_b[k].shape for k in flat_a):
+        print("params: different architectures; no per-layer comparison")
+        return 0
+    groups: dict[str, list[float]] = {}
+    for k in flat_a:
+        x, y = flat_a[k].astype(np.float64), flat_b[k].astype(np.float64)
+        g = groups.setdefault(k.split("/")[0], [0.0, 0.0])  # per top-level module: embed, layers_i, ...
+        g[0] += float(np.sum((y - x) ** 2))
+        g[1] += float(np.sum(x**2))
+    print("params: relative change ||B-A|| / ||A|| per layer")
+
+    def order(name: str) -> tuple[int, int, str]:
+        if name.startswith("layers_"):
+            return (1, int(name.split("_")[1]), name)
+        return (0 if name in ("embed", "pos_embed") else 2, 0, name)
+
+    for name in sorted(groups, key=order):
+        num, den = groups[name]
+        print(f"  {name:<16} {np.sqrt(num) / max(np.sqrt(den), 1e-30):.6f}")
+    return 0
+
+
+def cmd_verify(lineage: Lineage, args: argparse.Namespace) -> int:
+    bad = 0
+    for vid in args.ids or lineage.ids():
+        problems = lineage.verify(vid)
+        if problems:
+            bad += 1
+            print(f"{vid}: TAMPERED")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            print(f"{vid}: ok")
+    return 1 if bad else 0
+
+
+def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
+    from lmadapt import hf
+
+    params = lineage.load_params(args.id, scan_layers=False)
+    model = lineage.model_config(args.id)
+    if args.format == "safetensors":
+        hf.save_safetensors_dump(args.out, params, args.dtype)
+    else:
+        # Params were loaded in the unstacked layout, whatever the version was trained with.
+        hf.export_hf(args.out, params, dataclasses.replace(model, scan_layers=False),
+                     tokenizer=lineage.tokenizer(args.id), dtype=args.dtype)
+    print(f"exported {args.id} to {args.out} ({args.format}, {args.dtype})")
+    return 0
+
+
+def cmd_import_hf(lineage: Lineage, args: argparse.Namespace) -> int:
+    from lmadapt.hf import import_hf
+    from lmadapt.versioning import import_root
+
+    params, model, tokenizer = import_hf(args.hf_dir)
+    vid = import_root(lineage, args.hf_dir, params, model, tokenizer, version_id=args.id)
+    print(f"imported {args.hf_dir} as version {vid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, help="the lineage directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every version, oldest first")
+    p = sub.add_parser("show", help="a version's record and metrics")
+    p.add_argument("id")
+    p.add_argument("--full", action="store_true", help="include the full run config")
+    sub.add_parser("tree", help="the version graph")
+    p = sub.add_parser("diff", help="config, data and per-layer parameter change from A to B")
+    p.add_argument("a")
+    p.add_argument("b")
+    p = sub.add_parser("verify", help="recompute file and params hashes")
+    p.add_argument("ids", nargs="*")
+    p = sub.add_parser("export", help="write a version as a Hugging Face directory or a safetensors file")
+    p.add_argument("id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["hf", "safetensors"], default="hf")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p = sub.add_parser("import-hf", help="add a local Hugging Face checkpoint as a root version")
+    p.add_argument("hf_dir")
+    p.add_argument("--id", default=None)
+    args = parser.parse_args(argv)
+
+    commands = {"list": cmd_list, "show": cmd_show, "tree": cmd_tree, "diff": cmd_diff, "verify": cmd_verify,
+                "export": cmd_export, "import-hf": cmd_import_hf}
+    from lmadapt.config import ConfigError
+    from lmadapt.tokenizer import TokenizerError
+
+    errors: tuple[type[Exception], ...] = (LineageError, ConfigError, TokenizerError)
+    try:
+        from lmadapt.hf import HFError
+
+        errors += (HFError,)
+    except ImportError:
+        pass
+    if not os.path.isdir(args.dir) and args.command != "import-hf":
+        print(f"error: lineage directory {args.dir!r} not found", file=sys.stderr)
+        return 2
+    try:
+        return commands[args.command](Lineage(args.dir), args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
