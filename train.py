@@ -14,6 +14,9 @@ DEFAULT_CONFIG = "configs/default.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML run config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the parameter groups (count, learning rate, decay, frozen) and the strategy, "
+                             "then exit without training")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 model.d_model=128")
     args = parser.parse_args(argv)
 
@@ -22,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from lmadapt.trainer import train
+        from lmadapt.trainer import dry_run, train
 
-        train(cfg)
+        if args.dry_run:
+            print(dry_run(cfg))
+        else:
+            train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,6 +160,7 @@ class ReplayConfig:
 
     fraction: float = 0.0
     sources: list[SourceConfig] = field(default_factory=list)
+    from_lineage: bool = False  # add the sources (and replay sources) the parent version was trained on
 
 
 @dataclass
@@ -184,6 +185,19 @@ class TrainConfig:
 
 
 @dataclass
+class GroupConfig:
+    """A parameter group: the parameters any `select` entry matches (first group wins; the rest form
+    "default"). Entries: embeddings, attention, mlp, norms, head, biases, lora, base, `layers:A-B`
+    (blocks A..B inclusive), `re:REGEX` (on paths like layers_0/attn/q/kernel); join with '+' for AND."""
+
+    name: str = ""
+    select: list[str] = field(default_factory=list)
+    frozen: bool = False  # no updates and no optimizer state
+    lr_scale: float = 1.0
+    weight_decay: bool | None = None  # null: decay matrices only (not norms, biases, vectors)
+
+
+@dataclass
 class OptimizerConfig:
     name: Literal["adamw"] = "adamw"
     lr: float = 3e-4
@@ -192,14 +206,21 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0  # global-norm clip; None disables
+    groups: list[GroupConfig] = field(default_factory=list)
+    carry_state: bool = False  # start from the parent version's optimizer state (saved with lineage.save_opt_state)
 
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "constant"] = "cosine"
+    """Every run (each continual stage included) starts its schedule at step 0: warmup re-warms the
+    learning rate and the decay re-decays it. `wsd`: warmup, stable, then linear decay over the last
+    `decay_fraction` of the steps ("infinite" schedule)."""
+
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
     decay_steps: int | None = None  # None: train.steps
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
 
 
 @dataclass
@@ -230,6 +251,49 @@ class RunConfig:
 
 
 @dataclass
+class FisherConfig:
+    """Estimate the diagonal Fisher of the run's result on its training data and publish it with the
+    version (EWC in a later stage reads it). Online EWC: the parent's Fisher times `gamma` is added."""
+
+    compute: bool = False
+    kind: Literal["empirical", "true"] = "empirical"
+    batches: int = 8
+    gamma: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    """Distillation: loss = data_weight * CE + weight * T^2 * KL(teacher_T || student_T) on the run's data.
+    teacher "parent" (LwF / self-distillation) or a version id (e.g. a bigger model, for a smaller student)."""
+
+    weight: float = 0.0
+    temperature: float = 2.0
+    teacher: str = "parent"
+    data_weight: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on `targets` (q, k, v, o, gate, up, down); the base is frozen. rank 0: off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+
+
+@dataclass
+class ContinualConfig:
+    """Regularised updates toward the parent version theta*: L2-SP and EWC weights (lambda), distillation,
+    LoRA, and the Fisher estimate this run publishes."""
+
+    l2sp: float = 0.0
+    ewc: float = 0.0
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class InitConfig:
     """Where a run's params start: fresh (both null), a lineage version, or a Hugging Face directory."""
 
@@ -242,6 +306,7 @@ class LineageConfig:
     """`dir`: the lineage that `init.from_version` reads and a finished run publishes into (null: no publish)."""
 
     dir: str | None = None
+    save_opt_state: bool = False  # also publish the optimizer state (for optimizer.carry_state in a child)
 
 
 @dataclass
@@ -267,6 +332,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     lineage: LineageConfig = field(default_factory=LineageConfig)
     version: VersionConfig = field(default_factory=VersionConfig)
 
@@ -528,9 +594,40 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
          "null when init.from_version is set (a run starts from one place)")
     need(cfg.init.from_version is None or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
          "the lineage directory that holds init.from_version")
+    _validate_continual(cfg, need)
     for key, vid in (("init.from_version", cfg.init.from_version), ("version.id", cfg.version.id)):
         need(vid is None or (_VERSION_RE.fullmatch(vid) is not None and ".." not in vid), key, vid,
              "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")
+
+
+def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    c, started = cfg.continual, cfg.init.from_version or cfg.init.from_hf
+    for key, value in (("continual.l2sp", c.l2sp), ("continual.ewc", c.ewc), ("continual.distill.weight",
+                                                                                 c.distill.weight)):
+        need(value >= 0, key, value, "a number >= 0")
+        need(value == 0 or bool(started) or (key == "continual.distill.weight" and c.distill.teacher != "parent"),
+             key, value, "0 unless the run starts from a version (init.from_version or init.from_hf)")
+    need(c.ewc == 0 or cfg.init.from_version is not None, "continual.ewc", c.ewc,
+         "0 unless init.from_version names a version that carries a Fisher estimate")
+    need(c.distill.temperature > 0, "continual.distill.temperature", c.distill.temperature, "a positive number")
+    need(c.lora.rank >= 0, "continual.lora.rank", c.lora.rank, "an integer >= 0 (0: no LoRA)")
+    need(c.lora.rank == 0 or bool(started), "continual.lora.rank", c.lora.rank,
+         "0 unless the run starts from a version (LoRA adapts existing weights)")
+    for t in c.lora.targets:
+        need(t in ("q", "k", "v", "o", "gate", "up", "down"), "continual.lora.targets", c.lora.targets,
+             "a list of q, k, v, o, gate, up, down")
+    need(c.fisher.batches > 0, "continual.fisher.batches", c.fisher.batches, "a positive integer")
+    need(0 <= c.fisher.gamma <= 1, "continual.fisher.gamma", c.fisher.gamma, "a number in [0, 1]")
+    need(not cfg.optimizer.carry_state or cfg.init.from_version is not None, "optimizer.carry_state", True,
+         "false unless init.from_version names a version published with lineage.save_opt_state=true")
+    need(not cfg.data.replay.from_lineage or cfg.init.from_version is not None, "data.replay.from_lineage", True,
+         "false unless init.from_version is set (the replay sources come from its record)")
+    need(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", cfg.schedule.decay_fraction,
+         "a number in (0, 1]")
+    for i, g in enumerate(cfg.optimizer.groups):
+        need(_NAME_RE.fullmatch(g.name) is not None, f"optimizer.groups.{i}.name", g.name, "a name")
+        need(bool(g.select), f"optimizer.groups.{i}.select", g.select, "at least one selector")
+        need(g.lr_scale >= 0, f"optimizer.groups.{i}.lr_scale", g.lr_scale, "a number >= 0")
 
 
 def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
@@ -542,8 +639,8 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
          "tokenizer.vocab_size", tok.vocab_size, f"between 16 and model.vocab_size={cfg.model.vocab_size}")
     need(bool(d.sources), "data.sources", d.sources, "at least one source")
     need(0 <= d.replay.fraction < 1, "data.replay.fraction", d.replay.fraction, "a number in [0, 1)")
-    need(d.replay.fraction == 0 or bool(d.replay.sources), "data.replay.sources", d.replay.sources,
-         "at least one source when data.replay.fraction > 0")
+    need(d.replay.fraction == 0 or bool(d.replay.sources) or d.replay.from_lineage, "data.replay.sources",
+         d.replay.sources, "at least one source when data.replay.fraction > 0 (or data.replay.from_lineage=true)")
     seen: set[str] = set()
     groups = [("data.sources", d.sources), ("data.replay.sources", d.replay.sources)]
     for group, sources in groups:

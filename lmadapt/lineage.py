@@ -139,13 +139,17 @@ class Lineage:
             params = jax.device_put(params, jax.tree.map(lambda t: t.sharding, target))
         return params
 
-    def load_artifact(self, version_id: str, name: str) -> Any:
-        path = os.path.join(self.path(version_id), "artifacts", name)
+    def load_artifact(self, version_id: str, name: str, target: Any | None = None) -> Any:
+        """A named artifact; with `target` (ShapeDtypeStructs with shardings) restored onto those devices."""
+        path = os.path.join(self.path(version_id), "artifacts", check_version_id(name))
         if not os.path.isdir(path):
             have = self.record(version_id).get("artifacts", [])
             raise LineageError(f"version {version_id!r} has no artifact {name!r} (it has {have or 'none'})")
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path)
+            if target is None:
+                return ckptr.restore(path)
+            _check_same_tree(ckptr.metadata(path).item_metadata, target, f"artifact {name!r} of {version_id!r}")
+            return ckptr.restore(path, target)
 
     def metrics(self, version_id: str) -> dict[str, Any]:
         """Evaluation results added after publishing (keyed by dataset fingerprint), plus the record's own."""
@@ -279,7 +283,8 @@ def _sync(name: str) -> None:
 def _check_same_tree(saved: Any, target: Any, what: str) -> None:
     def flat(tree):
         leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-        return {"/".join(str(getattr(k, "key", k)) for k in p): x for p, x in leaves}
+        return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p): x
+                for p, x in leaves}
 
     s, t = flat(saved), flat(target)
     if set(s) != set(t):

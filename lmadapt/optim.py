@@ -1,31 +1,117 @@
-"""Optimizer and learning-rate schedule construction: the one place an optax transform is built."""
+"""Optimizer and learning-rate schedule construction: the one place an optax transform is built.
+
+Parameter groups are data (`optimizer.groups`): selectors map every parameter path to a group label,
+and the optimizer is an `optax.multi_transform` over those labels. Frozen groups get
+`optax.set_to_zero()` (no optimizer state at all); the others AdamW with their own learning-rate scale
+and weight-decay mask.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import optax
 
-from lmadapt.config import OptimizerConfig, ScheduleConfig
+from lmadapt.config import GroupConfig, OptimizerConfig, ScheduleConfig
+
+DEFAULT_GROUP = "default"
+_LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
+# Named selectors: what a reader of the model would call these parts (paths as in lmadapt.model).
+_NAMED = {
+    "embeddings": lambda p: re.search(r"(^|/)(pos_)?embed/", p) is not None,
+    "attention": lambda p: "/attn/" in p or p.startswith("attn/"),
+    "mlp": lambda p: "/mlp/" in p or p.startswith("mlp/"),
+    "norms": lambda p: re.search(r"(^|/)\w*norm/", p) is not None,
+    "head": lambda p: re.search(r"(^|/)lm_head/", p) is not None,
+    "biases": lambda p: p.endswith("/bias"),
+    "lora": lambda p: p.startswith("lora/"),
+    "base": lambda p: p.startswith("base/"),
+}
+
+
+class GroupError(ValueError):
+    """A group selector is malformed; the message names the group and the selector."""
+
+
+def param_paths(params: Any) -> Any:
+    """A tree like `params` whose leaves are their "/"-joined paths (e.g. layers_0/attn/q/kernel).
+    Boxed `nn.Partitioned` leaves count as leaves, so the same labels fit boxed and plain trees."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _matches(selector: str, path: str, group: str) -> bool:
+    for part in selector.split("+"):
+        part = part.strip()
+        if part.startswith("layers:"):
+            try:
+                lo, _, hi = part[len("layers:"):].partition("-")
+                lo_i, hi_i = int(lo), int(hi or lo)
+            except ValueError:
+                raise GroupError(f"optimizer.groups {group!r}: selector {part!r}: expected layers:A-B") from None
+            m = _LAYER_RE.search(path)
+            if "layers/" in path and m is None:
+                raise GroupError(f"optimizer.groups {group!r}: selector {part!r} needs per-layer params "
+                                 f"(set model.scan_layers=false)")
+            if m is None or not lo_i <= int(m.group(1)) <= hi_i:
+                return False
+        elif part.startswith("re:"):
+            if re.search(part[3:], path) is None:
+                return False
+        elif part in _NAMED:
+            if not _NAMED[part](path):
+                return False
+        else:
+            raise GroupError(f"optimizer.groups {group!r}: unknown selector {part!r} (use {', '.join(_NAMED)}, "
+                             f"layers:A-B or re:REGEX)")
+    return True
+
+
+def group_labels(params: Any, groups: Sequence[GroupConfig], frozen_extra: Sequence[str] = ()) -> Any:
+    """The group name of every parameter: the first group with a matching selector, else "default".
+    Paths matching a named selector in `frozen_extra` (e.g. "base" under LoRA) go to a frozen group."""
+    def label(path: str) -> str:
+        for sel in frozen_extra:
+            if _matches(sel, path, sel):
+                return f"frozen_{sel}"
+        for g in groups:
+            if any(_matches(sel, path, g.name) for sel in g.select):
+                return g.name
+        return DEFAULT_GROUP
+
+    return jax.tree.map(label, param_paths(params))
+
+
+def trainable_mask(labels: Any, groups: Sequence[GroupConfig]) -> Any:
+    """True where a parameter is trained (its group is not frozen)."""
+    frozen = {g.name for g in groups if g.frozen}
+    return jax.tree.map(lambda lab: not (lab in frozen or lab.startswith("frozen_")), labels)
 
 
 def make_schedule(cfg: ScheduleConfig, peak_lr: float, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the step: linear warmup, then cosine decay or constant."""
+    """Learning rate as a function of the step: linear warmup, then cosine decay, constant, or wsd."""
+    warmup = optax.linear_schedule(0.0, peak_lr, cfg.warmup_steps)
     if cfg.kind == "constant":
         if cfg.warmup_steps == 0:
             return optax.constant_schedule(peak_lr)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak_lr, cfg.warmup_steps), optax.constant_schedule(peak_lr)],
-            [cfg.warmup_steps])
+        return optax.join_schedules([warmup, optax.constant_schedule(peak_lr)], [cfg.warmup_steps])
     decay_steps = cfg.decay_steps or total_steps
+    end = peak_lr * cfg.min_lr_ratio
+    if cfg.kind == "wsd":
+        n_decay = max(1, round(decay_steps * cfg.decay_fraction))
+        stable = max(decay_steps - n_decay - cfg.warmup_steps, 0)
+        return optax.join_schedules(
+            [warmup, optax.constant_schedule(peak_lr), optax.linear_schedule(peak_lr, end, n_decay)],
+            [cfg.warmup_steps, cfg.warmup_steps + stable])
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak_lr,
-        warmup_steps=cfg.warmup_steps,
-        decay_steps=max(decay_steps, cfg.warmup_steps + 1),
-        end_value=peak_lr * cfg.min_lr_ratio,
-    )
+        init_value=0.0, peak_value=peak_lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(decay_steps, cfg.warmup_steps + 1), end_value=end)
 
 
 def decay_mask(params: Any) -> Any:
@@ -33,11 +119,47 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping, decoupled weight decay on matrices, and the schedule."""
+def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule, frozen_extra: Sequence[str] = ()
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping, then per-group AdamW (or nothing, for frozen groups).
+
+    Labels are computed from the params tree it is given (boxed or plain), see `group_labels`.
+    """
+    groups = {g.name: g for g in cfg.groups}
+
+    def adamw(group: GroupConfig | None) -> optax.GradientTransformation:
+        scale = group.lr_scale if group else 1.0
+        lr = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
+        decay = group.weight_decay if group else None
+        mask = decay_mask if decay is None else (lambda p: jax.tree.map(lambda _: decay, p))
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+
     parts = []
     if cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    if not cfg.groups and not frozen_extra:
+        parts.append(adamw(None))
+        return optax.chain(*parts)
+    names = [DEFAULT_GROUP, *groups, *(f"frozen_{sel}" for sel in frozen_extra)]
+    transforms = {n: optax.set_to_zero() if n.startswith("frozen_") or (n in groups and groups[n].frozen)
+                  else adamw(groups.get(n)) for n in names}
+    parts.append(optax.multi_transform(transforms, lambda p: group_labels(p, cfg.groups, frozen_extra)))
     return optax.chain(*parts)
+
+
+def group_table(params: Any, labels: Any, cfg: OptimizerConfig, peak_lr: float) -> list[dict[str, Any]]:
+    """One row per group: parameter count, learning rate, weight decay, frozen (for `--dry-run`)."""
+    groups = {g.name: g for g in cfg.groups}
+    rows: dict[str, dict[str, Any]] = {}
+    for lab, p in zip(jax.tree.leaves(labels), jax.tree.leaves(params), strict=True):
+        g = groups.get(lab)
+        frozen = lab.startswith("frozen_") or bool(g and g.frozen)
+        row = rows.setdefault(lab, {"group": lab, "params": 0, "tensors": 0, "frozen": frozen,
+                                    "lr": 0.0 if frozen else peak_lr * (g.lr_scale if g else 1.0),
+                                    "decayed": 0})
+        n = math.prod(p.shape)
+        row["params"] += n
+        row["tensors"] += 1
+        decays = (g.weight_decay if g and g.weight_decay is not None else getattr(p, "ndim", 0) >= 2)
+        row["decayed"] += n if (decays and not frozen and cfg.weight_decay > 0) else 0
+    return sorted(rows.values(), key=lambda r: r["group"])

@@ -18,20 +18,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import yaml
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from lmadapt import sharding
+from lmadapt import fisher, sharding, strategy
 from lmadapt.checkpoint import Checkpointer
-from lmadapt.config import Config, ConfigError, config_to_dict
+from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
-from lmadapt.optim import make_optimizer, make_schedule
+from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule
 from lmadapt.tokenizer import BYTES_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
-from lmadapt.train_step import TrainState, eval_step, init_state, state_from_params, train_step
+from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
 from lmadapt.versioning import publish_run, resolve_origin
 
 
@@ -48,9 +49,12 @@ class Session:
     batch_sharding: jax.sharding.NamedSharding
     local_rows: slice
     init_fn: Callable[[jax.Array], TrainState]
-    init_from_fn: Callable[[Any, jax.Array], TrainState]  # (params, rng): start from given params
+    init_from_fn: Callable[..., TrainState]  # (base params, ref, rng[, opt_state]): start from a version
     step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_fn: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+    objective: Objective
+    groups: list[dict[str, Any]]  # the parameter-group table (what --dry-run prints)
+    tx: optax.GradientTransformation
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -81,7 +85,7 @@ class Session:
 
 
 def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[str], None] | None = None,
-          tokenizer: Tokenizer | None = None) -> Session:
+          tokenizer: Tokenizer | None = None, teacher_cfg: ModelConfig | None = None) -> Session:
     """Construct the session for `cfg` on `devices` (default: all global devices).
 
     Raises ConfigError for settings that only the devices can check (mesh and batch divisibility) and
@@ -102,8 +106,11 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                           f"{dict(mesh.shape)}")
 
     model = Transformer(cfg.model)
+    teacher = Transformer(teacher_cfg) if cfg.continual.distill.weight and teacher_cfg else None
+    if cfg.continual.distill.weight and teacher is None:
+        teacher = model  # LwF: the parent shares the architecture
     schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
+    tx = make_optimizer(cfg.optimizer, schedule, strategy.frozen_extra(cfg))
     try:
         data = build_pipeline(cfg.data, cfg.tokenizer, cfg.train.batch_size, cfg.train.seq_len, tokenizer=tokenizer,
                               log=log if jax.process_index() == 0 else None)
@@ -114,8 +121,11 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                           f"{data.vocab_size}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_as_tuples(rules)):
-        boxed = jax.eval_shape(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len,
-                                                 boxed=True), jax.random.PRNGKey(0))
+        try:
+            boxed = strategy.abstract_state(cfg, model, tx, teacher)
+            objective = strategy.make_objective(cfg, boxed.params, teacher)
+        except GroupError as e:
+            raise ConfigError(str(e)) from None
     state_shardings = sharding.tree_shardings(boxed, mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(boxed), state_shardings)
@@ -124,17 +134,66 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
 
     init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len),
                       out_shardings=state_shardings)
-    init_from_fn = jax.jit(functools.partial(state_from_params, tx=tx), out_shardings=state_shardings)
+    init_from_fn = jax.jit(functools.partial(strategy.start_state, cfg=cfg, tx=tx), out_shardings=state_shardings)
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                        microbatches=cfg.train.microbatches),
+                                        microbatches=cfg.train.microbatches, objective=objective),
                       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
                       donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(state_shardings.params, batch_sh),
-                      out_shardings=replicated)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, objective=objective),
+                      in_shardings=(state_shardings.params, batch_sh), out_shardings=replicated)
+    labels = group_labels(boxed.params, cfg.optimizer.groups, strategy.frozen_extra(cfg))
+    table = group_table(nn.unbox(boxed.params), labels, cfg.optimizer, cfg.optimizer.lr)
     return Session(cfg=cfg, mesh=mesh, model=model, data=data,
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
-                   init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn)
+                   init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn,
+                   objective=objective, groups=table, tx=tx)
+
+
+def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, evals: dict[str, float],
+             log: Callable[[str], None]) -> str | None:
+    """Publish the finished run: merged params, artifacts (LoRA adapters, Fisher, optimizer state), record."""
+    if not cfg.lineage.dir:
+        return None
+    params, artifacts = strategy.publishable(state, session.objective)
+    if cfg.continual.fisher.compute:
+        artifacts["fisher"] = _estimate_fisher(cfg, session, origin, params)
+    if cfg.lineage.save_opt_state:
+        artifacts["opt_state"] = state.opt_state
+    return publish_run(cfg, origin, params, int(state.step), session.data.tokenizer, data=session.data.describe(),
+                       tokens_seen=session.data.tokens_seen(int(state.step)),
+                       metrics={f"eval/{k}": v for k, v in evals.items()},
+                       strategy=strategy.describe(cfg, session.groups, origin.teacher_cfg), artifacts=artifacts,
+                       log=log)
+
+
+def _estimate_fisher(cfg: Config, session: Session, origin: Any, params: Any) -> Any:
+    """Diagonal Fisher of the new params on this run's training data; online EWC adds gamma x the parent's."""
+    f = cfg.continual.fisher
+    batches = (session.batch(cfg.train.steps + i) for i in range(f.batches))  # fresh draws of the same mixture
+    estimate = fisher.fisher_diagonal(params, session.model, batches, kind=f.kind,
+                                      rng=jax.random.PRNGKey(cfg.run.seed + 1))
+    parent_has = origin.lineage is not None and origin.parents and "fisher" in origin.lineage.record(
+        origin.parents[0]).get("artifacts", [])
+    if parent_has and f.gamma > 0:
+        previous = origin.lineage.load_artifact(origin.parents[0], "fisher")
+        estimate = fisher.accumulate_online(previous, estimate, f.gamma)
+    return estimate
+
+
+def dry_run(cfg: Config) -> str:
+    """The parameter-group table and the strategy of `cfg`, as text (builds everything, trains nothing)."""
+    origin = resolve_origin(cfg)
+    session = build(origin.cfg, tokenizer=origin.tokenizer, teacher_cfg=origin.teacher_cfg)
+    desc = strategy.describe(origin.cfg, session.groups, origin.teacher_cfg)
+    lines = [f"start: {origin.description}; strategy: {desc['kind']}",
+             f"{'group':<16} {'params':>12} {'lr':>10} {'decayed':>12}  frozen"]
+    for r in session.groups:
+        lines.append(f"{r['group']:<16} {r['params']:>12,} {r['lr']:>10.3g} {r['decayed']:>12,}  "
+                     f"{'yes' if r['frozen'] else 'no'}")
+    lines.append(f"trainable {desc['trainable_params']:,} of {desc['trainable_params'] + desc['frozen_params']:,} "
+                 f"parameters")
+    return "\n".join(lines)
 
 
 def run_tokenizer(run_dir: str) -> Tokenizer | None:
@@ -173,17 +232,19 @@ class _StopFlag:
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
 
 
-def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+          devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Run (or resume) the job described by `cfg`; return a summary (final step, losses, eval loss).
 
-    `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults).
+    `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults);
+    `devices` restricts the mesh to some devices (default: all global devices).
     """
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a device
     run_dir = os.path.abspath(cfg.run.dir)
     origin = resolve_origin(cfg)
     cfg = origin.cfg
-    session = build(cfg, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer)
+    session = build(cfg, devices, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer,
+                    teacher_cfg=origin.teacher_cfg)
     lead = jax.process_index() == 0
     if lead:
         os.makedirs(run_dir, exist_ok=True)
@@ -200,9 +261,13 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
             state, _ = ckpt.restore(latest, session.abstract_state)
             log(f"resumed from {ckpt.directory / str(latest)}")
         elif origin.load_params is not None:
-            params = origin.load_params(session.abstract_state.params)
-            state = session.init_from_fn(params, jax.random.PRNGKey(cfg.run.seed))
-            log(f"starting from {origin.description}")
+            target = session.abstract_state.params
+            params = origin.load_params(target["base"] if cfg.continual.lora.rank else target)
+            ref = origin.load_ref(params, session.abstract_state.ref)
+            opt_state = origin.load_opt_state(session.abstract_state.opt_state) if cfg.optimizer.carry_state else None
+            state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)
+            kind = strategy.describe(cfg, session.groups, None)["kind"]
+            log(f"starting from {origin.description} (strategy: {kind})")
         else:
             state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
         start = int(state.step)
@@ -264,9 +329,7 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None,
         version = None
         if step == cfg.train.steps and stop.signal is None:
             evals = evals if evals is not None else session.evaluate(state.params)
-            version = publish_run(cfg, origin, state, session.data.tokenizer, data=session.data.describe(),
-                                  tokens_seen=session.data.tokens_seen(step),
-                                  metrics={f"eval/{k}": v for k, v in evals.items()}, log=log)
+            version = _publish(cfg, session, origin, state, evals, log)
     if logger:
         logger.close()
     return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None,

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.lineage import Lineage, LineageError, params_hash
@@ -32,11 +31,46 @@ PUBLISHED_FILE = "published_version.txt"
 class Origin:
     """The resolved start of a run."""
 
-    cfg: Config  # with the architecture of the version it starts from
+    cfg: Config  # with the architecture of the version it starts from (and replay sources from its record)
     tokenizer: Tokenizer | None
     parents: list[str]
     load_params: Callable[[Any], Any] | None  # target ShapeDtypeStructs (with shardings) -> params
     description: str
+    lineage: Lineage | None = None
+    teacher_cfg: ModelConfig | None = None
+
+    def load_ref(self, params: Any, targets: dict[str, Any]) -> dict[str, Any]:
+        """The strategy's constants: anchor (the start params), the parent's Fisher, the teacher's params."""
+        ref: dict[str, Any] = {}
+        c = self.cfg.continual
+        for key, target in targets.items():
+            if key == "anchor":
+                ref[key] = params
+            elif key == "fisher":
+                assert self.lineage is not None and self.parents
+                try:
+                    fisher = self.lineage.load_artifact(self.parents[0], "fisher", target)
+                except LineageError as e:
+                    raise ConfigError(f"continual.ewc: {e}; publish the parent with continual.fisher.compute=true"
+                                      ) from None
+                ref[key] = fisher
+            elif key == "teacher":
+                if c.distill.teacher == "parent":
+                    ref[key] = params
+                else:
+                    assert self.lineage is not None
+                    ref[key] = self.lineage.load_params(c.distill.teacher, target,
+                                                        scan_layers=self.teacher_cfg.scan_layers)
+        return ref
+
+    def load_opt_state(self, target: Any) -> Any:
+        """The parent's optimizer state (optimizer.carry_state)."""
+        assert self.lineage is not None and self.parents
+        try:
+            return self.lineage.load_artifact(self.parents[0], "opt_state", target)
+        except LineageError as e:
+            raise ConfigError(f"optimizer.carry_state: {e}; publish the parent with lineage.save_opt_state=true "
+                              f"and the same optimizer groups") from None
 
 
 def adopt_architecture(mine: ModelConfig, theirs: ModelConfig) -> ModelConfig:
@@ -59,11 +93,14 @@ def resolve_origin(cfg: Config) -> Origin:
         except LineageError as e:
             raise ConfigError(f"init.from_version: {e}") from None
         cfg = dataclasses.replace(cfg, model=model)
+        if cfg.data.replay.from_lineage:
+            cfg = _with_lineage_replay(cfg, lineage.record(vid))
 
         def load(target: Any) -> Any:
             return lineage.load_params(vid, target, scan_layers=model.scan_layers)
 
-        return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}")
+        return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}", lineage,
+                      _teacher_cfg(cfg, lineage))
     if cfg.init.from_hf:
         from lmadapt.hf import HFError, import_hf  # only when used: keeps start-up light
 
@@ -81,8 +118,42 @@ def resolve_origin(cfg: Config) -> Origin:
             tree = stack_layers(params) if model.scan_layers else params
             return jax.device_put(tree, jax.tree.map(lambda t: t.sharding, target))
 
-        return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {cfg.init.from_hf}")
-    return Origin(cfg, None, [], None, "fresh initialisation")
+        return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {cfg.init.from_hf}", lineage,
+                      _teacher_cfg(cfg, lineage))
+    return Origin(cfg, None, [], None, "fresh initialisation", lineage, _teacher_cfg(cfg, lineage))
+
+
+def _teacher_cfg(cfg: Config, lineage: Lineage | None) -> ModelConfig | None:
+    """The distillation teacher's architecture: the model's own (parent), or another version's."""
+    d = cfg.continual.distill
+    if not d.weight:
+        return None
+    if d.teacher == "parent":
+        return cfg.model
+    if lineage is None:
+        raise ConfigError("continual.distill.teacher names a version, so lineage.dir must be set")
+    try:
+        return adopt_architecture(cfg.model, lineage.model_config(d.teacher))
+    except LineageError as e:
+        raise ConfigError(f"continual.distill.teacher: {e}") from None
+
+
+def _with_lineage_replay(cfg: Config, parent: dict[str, Any]) -> Config:
+    """Add the parent's training sources (and its own replay sources) to this run's replay sources."""
+    from lmadapt.config import SourceConfig, section_from_dict
+
+    data = parent.get("config", {}).get("data", {})
+    have = {s.name for s in cfg.data.sources} | {s.name for s in cfg.data.replay.sources}
+    extra = []
+    for raw in [*data.get("sources", []), *data.get("replay", {}).get("sources", [])]:
+        if raw["name"] not in have:
+            extra.append(section_from_dict(SourceConfig, raw, f"version {parent['id']}", "data.sources."))
+            have.add(raw["name"])
+    if not extra and not cfg.data.replay.sources:
+        raise ConfigError(f"data.replay.from_lineage: version {parent['id']!r} records no data sources that this "
+                          f"run does not already train on")
+    replay = dataclasses.replace(cfg.data.replay, sources=[*cfg.data.replay.sources, *extra])
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, replay=replay))
 
 
 def import_root(lineage: Lineage, hf_dir: str, params: Any, model: ModelConfig, tokenizer: Tokenizer | None,
@@ -112,9 +183,9 @@ def version_id_for(cfg: Config) -> str:
     return f"v{stamp}-{digest}"
 
 
-def publish_run(cfg: Config, origin: Origin, state: Any, tokenizer: Tokenizer, *, data: dict[str, Any],
+def publish_run(cfg: Config, origin: Origin, params: Any, steps: int, tokenizer: Tokenizer, *, data: dict[str, Any],
                 tokens_seen: dict[str, int], metrics: dict[str, Any], strategy: dict[str, Any] | None = None,
-                log: Callable[[str], None] = print) -> str | None:
+                artifacts: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> str | None:
     """Publish a finished run as a new version of `lineage.dir` (once: a restarted finished run does not
     publish again). Returns the version id, or None without a lineage."""
     if not cfg.lineage.dir:
@@ -129,9 +200,9 @@ def publish_run(cfg: Config, origin: Origin, state: Any, tokenizer: Tokenizer, *
     vid = version_id_for(cfg)
     lineage = Lineage(cfg.lineage.dir)
     total = int(sum(tokens_seen.values()))
-    lineage.publish(vid, state.params, cfg.model, tokenizer, parents=origin.parents, config=config_to_dict(cfg),
+    lineage.publish(vid, params, cfg.model, tokenizer, parents=origin.parents, config=config_to_dict(cfg),
                     data={**data, "tokens_seen": tokens_seen}, strategy=strategy or {"kind": "full"},
-                    steps=int(np.asarray(state.step)), tokens=total, metrics=metrics, note=cfg.version.note,
+                    steps=steps, tokens=total, metrics=metrics, note=cfg.version.note, artifacts=artifacts,
                     extra={"run_dir": run_dir, "origin": origin.description})
     if jax.process_index() == 0:
         with open(marker, "w", encoding="utf-8") as f:

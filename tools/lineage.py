@@ -6,7 +6,9 @@
     python tools/lineage.py --dir LINEAGE diff A B
     python tools/lineage.py --dir LINEAGE verify [ID ...]          # exit 1 if anything was tampered with
     python tools/lineage.py --dir LINEAGE export ID --out DIR [--format hf|safetensors] [--dtype bfloat16]
-    python tools/lineage.py --dir LINEAGE import-hf HF_DIR [--id ID] [--note TEXT]
+    python tools/lineage.py --dir LINEAGE import-hf HF_DIR [--id ID]
+    python tools/lineage.py --dir LINEAGE merge A B [C ...] --id NEW [--weights 0.5 0.3 0.2]   # model soup
+    python tools/lineage.py --dir LINEAGE interpolate A [B] --alpha 0.5 --id NEW   # WiSE-FT; B = A's parent
 """
 
 from __future__ import annotations
@@ -166,6 +168,35 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(lineage: Lineage, args: argparse.Namespace) -> int:
+    """Average versions (model soup) or interpolate one with another (WiSE-FT) into a new version."""
+    from lmadapt import merge
+
+    if args.command == "interpolate":
+        sources = [args.a, args.b or (lineage.parents(args.a) or [None])[0]]
+        if sources[1] is None:
+            raise LineageError(f"version {args.a!r} has no parent to interpolate with; name the other version")
+        # alpha is the weight of A: 1 keeps A, 0 gives B (the parent by default).
+        weights = [args.alpha, 1.0 - args.alpha]
+    else:
+        sources, weights = args.versions, args.weights
+    models = [lineage.model_config(v) for v in sources]
+    if any(dataclasses.replace(m, scan_layers=False) != dataclasses.replace(models[0], scan_layers=False)
+           for m in models):
+        raise LineageError(f"versions {sources} have different architectures and cannot be merged")
+    trees = [lineage.load_params(v, scan_layers=False) for v in sources]
+    try:
+        params = merge.average(trees, weights)
+    except ValueError as e:
+        raise LineageError(str(e)) from None
+    note = args.note or f"{args.command} of {', '.join(sources)} with weights {weights or 'equal'}"
+    lineage.publish(args.id, params, dataclasses.replace(models[0], scan_layers=False), lineage.tokenizer(sources[0]),
+                    parents=list(dict.fromkeys(sources)), note=note,
+                    strategy={"kind": "merge", "method": args.command, "sources": sources, "weights": weights})
+    print(f"published {args.id}: {note}")
+    return 0
+
+
 def cmd_import_hf(lineage: Lineage, args: argparse.Namespace) -> int:
     from lmadapt.hf import import_hf
     from lmadapt.versioning import import_root
@@ -195,13 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["hf", "safetensors"], default="hf")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p = sub.add_parser("merge", help="average versions into a new one (model soup)")
+    p.add_argument("versions", nargs="+")
+    p.add_argument("--id", required=True)
+    p.add_argument("--weights", type=float, nargs="+", default=None)
+    p.add_argument("--note", default="")
+    p = sub.add_parser("interpolate", help="(alpha) A + (1 - alpha) B, B defaulting to A's parent (WiSE-FT)")
+    p.add_argument("a")
+    p.add_argument("b", nargs="?")
+    p.add_argument("--alpha", type=float, required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--note", default="")
     p = sub.add_parser("import-hf", help="add a local Hugging Face checkpoint as a root version")
     p.add_argument("hf_dir")
     p.add_argument("--id", default=None)
     args = parser.parse_args(argv)
 
     commands = {"list": cmd_list, "show": cmd_show, "tree": cmd_tree, "diff": cmd_diff, "verify": cmd_verify,
-                "export": cmd_export, "import-hf": cmd_import_hf}
+                "export": cmd_export, "import-hf": cmd_import_hf, "merge": cmd_merge, "interpolate": cmd_merge}
     from lmadapt.config import ConfigError
     from lmadapt.tokenizer import TokenizerError
 
