@@ -1,6 +1,8 @@
 """Launch a training job: `python train.py [--config configs/X.yaml] [key.sub=value ...]`.
 
-Restarting the same command on the same `run.dir` resumes from the last complete checkpoint.
+With no --config it runs the quickstart (configs/quickstart.yaml): a base version, a continual update
+on a new domain, and a report of what the update gained and forgot. Restarting the same command on
+the same `run.dir` resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_CONFIG = "configs/default.yaml"
+DEFAULT_CONFIG = "configs/quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported late so that `--help` and config errors answer without initialising JAX.
     from lmadapt.config import ConfigError, load_config
+    from lmadapt.data import DataError
+    from lmadapt.lineage import LineageError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -29,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.dry_run:
             print(dry_run(cfg))
+        elif cfg.stages:
+            from lmadapt.stages import run_stages
+
+            run_stages(args.config, args.overrides)
         else:
             train(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError, LineageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

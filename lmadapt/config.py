@@ -318,6 +318,14 @@ class VersionConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run: a version name and the overrides that make its config."""
+
+    name: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -335,6 +343,7 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     lineage: LineageConfig = field(default_factory=LineageConfig)
     version: VersionConfig = field(default_factory=VersionConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # a staged run (see lmadapt.stages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,6 +604,10 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(cfg.init.from_version is None or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
          "the lineage directory that holds init.from_version")
     _validate_continual(cfg, need)
+    for i, stage in enumerate(cfg.stages):
+        need(_VERSION_RE.fullmatch(stage.name) is not None, f"stages.{i}.name", stage.name, "a version id")
+    need(not cfg.stages or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
+         "a lineage directory: the stages publish their versions there")
     for key, vid in (("init.from_version", cfg.init.from_version), ("version.id", cfg.version.id)):
         need(vid is None or (_VERSION_RE.fullmatch(vid) is not None and ".." not in vid), key, vid,
              "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")

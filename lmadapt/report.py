@@ -1,0 +1,118 @@
+"""Evaluating a set of model versions on a set of datasets, as tables, a heatmap and lineage metrics.
+
+Used by `eval.py` and by a staged run (the quickstart): every version is scored on every dataset's
+held-out split; results are written as JSON, CSV and Markdown, added to each version's metrics in the
+lineage (keyed by dataset fingerprint, so a later evaluation reuses them), and drawn as a heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmadapt.config import SourceConfig
+from lmadapt.evaluate import classify, lm_scores
+from lmadapt.lineage import Lineage
+
+LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"]
+
+
+def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
+                      seq_len: int, batch_size: int, max_batches: int, val_fraction: float, seed: int,
+                      cache_dir: str | None, recompute: bool = False,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One row per (version, dataset). Results already in the lineage for the same split are reused."""
+    rows = []
+    for vid in versions:
+        model_cfg, tokenizer = lineage.model_config(vid), lineage.tokenizer(vid)
+        params = None
+        stored = lineage.metrics(vid)
+        for src in datasets:
+            if src.format == "classification":
+                continue
+            cached = [v for k, v in stored.items() if k.startswith(f"{src.name}:") and isinstance(v, dict)
+                      and v.get("seq_len") == seq_len and v.get("tokenizer") == tokenizer.fingerprint]
+            if cached and not recompute:
+                rows.append({"version": vid, **cached[-1]})
+                continue
+            if params is None:
+                params = lineage.load_params(vid, scan_layers=False)
+            scores = lm_scores(params, _unscanned(model_cfg), tokenizer, src, seq_len=seq_len, batch_size=batch_size,
+                               max_batches=max_batches, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir)
+            scores.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint)
+            lineage.add_metrics(vid, scores["key"], scores)
+            rows.append({"version": vid, **scores})
+            log(f"  {vid} on {src.name}: loss {scores['loss']:.4f}, {scores['bits_per_byte']:.3f} bits/byte")
+    return rows
+
+
+def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
+                        val_fraction: float, seed: int, max_examples: int) -> list[dict[str, Any]]:
+    """Accuracy, macro precision/recall/F1 and the confusion matrix per (version, classification dataset)."""
+    from lmadapt.metrics import classification_report
+
+    rows = []
+    for vid in versions:
+        params = None
+        for src in datasets:
+            if src.format != "classification":
+                continue
+            params = params if params is not None else lineage.load_params(vid, scan_layers=False)
+            out = classify(params, _unscanned(lineage.model_config(vid)), lineage.tokenizer(vid), src,
+                           max_examples=max_examples, val_fraction=val_fraction, seed=seed)
+            report = classification_report(out["y_true"], out["y_pred"], out["labels"])
+            rows.append({"version": vid, "dataset": src.name, **report})
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versions: Sequence[str],
+                 datasets: Sequence[str], classification: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """results.json / results.csv / results.md (+ heatmap.png, loss_by_version.png); returns their paths."""
+    from lmadapt.metrics import csv_text, markdown_table
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
+             "markdown": os.path.join(out_dir, "results.md")}
+    _write(paths["json"], json.dumps({"lm": rows, "classification": classification or []}, indent=1))
+    _write(paths["csv"], csv_text(rows, LM_COLUMNS))
+    md = markdown_table(rows, LM_COLUMNS)
+    for c in classification or []:
+        md += (f"\n\n{c['version']} on {c['dataset']}: accuracy {c['accuracy']:.4f}, macro F1 "
+               f"{c['macro_f1']:.4f}")
+    _write(paths["markdown"], md + "\n")
+    if plot and rows:
+        from lmadapt.plots import heatmap, loss_across_versions
+
+        matrix = [[_loss(rows, v, d) for d in datasets] for v in versions]
+        paths["heatmap"] = heatmap(matrix, list(versions), list(datasets), os.path.join(out_dir, "heatmap.png"),
+                                   title="held-out loss (row: version, column: dataset)")
+        paths["loss_by_version"] = loss_across_versions(
+            {d: [_loss(rows, v, d) for v in versions] for d in datasets}, list(versions),
+            os.path.join(out_dir, "loss_by_version.png"))
+    return paths
+
+
+def loss_matrix(rows: list[dict[str, Any]], versions: Sequence[str], datasets: Sequence[str]) -> list[list[float]]:
+    return [[_loss(rows, v, d) for d in datasets] for v in versions]
+
+
+def _loss(rows: list[dict[str, Any]], version: str, dataset: str) -> float:
+    for r in rows:
+        if r["version"] == version and r["dataset"] == dataset:
+            return float(r["loss"])
+    return float("nan")
+
+
+def _unscanned(model_cfg):
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, scan_layers=False)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
