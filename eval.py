@@ -96,7 +96,7 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
     rows = evaluate_versions(lineage, versions, datasets, seq_len=cfg.train.seq_len,
                              batch_size=cfg.train.batch_size, max_batches=cfg.eval.batches,
                              val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, cache_dir=cfg.data.cache_dir,
-                             recompute=args.recompute)
+                             recompute=args.recompute, progress=sys.stderr.isatty())
     cls = classification_rows(lineage, versions, datasets, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                               max_examples=args.max_examples)
     out_dir = args.out or os.path.join(lineage.directory, "eval")

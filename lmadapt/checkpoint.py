@@ -64,19 +64,7 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)["state"]
         if saved is None:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable 'state' item")
-        saved_flat = dict(_flatten(saved))
-        want_flat = dict(_flatten(abstract_state))
-        where = f"checkpoint {self.directory / str(step)}"
-        missing = sorted(set(want_flat) - set(saved_flat))
-        extra = sorted(set(saved_flat) - set(want_flat))
-        if missing or extra:
-            raise CheckpointError(f"{where}: tree does not match the model: missing {missing[:5]}, unexpected "
-                                  f"{extra[:5]}")
-        for path, want in want_flat.items():
-            got = saved_flat[path]
-            if tuple(got.shape) != tuple(want.shape) or jax.numpy.dtype(got.dtype) != jax.numpy.dtype(want.dtype):
-                raise CheckpointError(f"{where}: {path} is {got.dtype}{list(got.shape)} in the checkpoint but the "
-                                      f"model expects {want.dtype}{list(want.shape)}")
+        check_tree_matches(saved, abstract_state, f"checkpoint {self.directory / str(step)}", CheckpointError)
 
     def wait(self) -> None:
         """Block until in-flight asynchronous saves are committed."""
@@ -85,6 +73,21 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def check_tree_matches(saved: Any, target: Any, where: str, error: type[Exception]) -> None:
+    """Raise `error` naming `where` and the first difference unless `saved` (Orbax metadata or arrays)
+    has exactly `target`'s paths, shapes and dtypes: a restore is whole or not at all."""
+    saved_flat, want_flat = dict(_flatten(saved)), dict(_flatten(target))
+    missing = sorted(set(want_flat) - set(saved_flat))
+    extra = sorted(set(saved_flat) - set(want_flat))
+    if missing or extra:
+        raise error(f"{where}: tree does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for path, want in want_flat.items():
+        got = saved_flat[path]
+        if tuple(got.shape) != tuple(want.shape) or jax.numpy.dtype(got.dtype) != jax.numpy.dtype(want.dtype):
+            raise error(f"{where}: {path} is {jax.numpy.dtype(got.dtype)}{list(got.shape)} in the checkpoint but "
+                        f"the model expects {jax.numpy.dtype(want.dtype)}{list(want.shape)}")
 
 
 def _flatten(tree: Any) -> list[tuple[str, Any]]:

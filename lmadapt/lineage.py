@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
 from lmadapt.model import stack_layers, unstack_layers
 from lmadapt.tokenizer import Tokenizer, load_tokenizer
@@ -281,17 +282,4 @@ def _sync(name: str) -> None:
 
 
 def _check_same_tree(saved: Any, target: Any, what: str) -> None:
-    def flat(tree):
-        leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-        return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p): x
-                for p, x in leaves}
-
-    s, t = flat(saved), flat(target)
-    if set(s) != set(t):
-        raise LineageError(f"{what}: params do not match the model: missing {sorted(set(t) - set(s))[:5]}, "
-                           f"unexpected {sorted(set(s) - set(t))[:5]}")
-    for k, want in t.items():
-        got = s[k]
-        if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-            raise LineageError(f"{what}: {k} is {np.dtype(got.dtype)}{list(got.shape)} but the model expects "
-                               f"{np.dtype(want.dtype)}{list(want.shape)}")
+    check_tree_matches(saved, target, what, LineageError)

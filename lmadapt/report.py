@@ -21,10 +21,14 @@ LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "toke
 
 def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
                       seq_len: int, batch_size: int, max_batches: int, val_fraction: float, seed: int,
-                      cache_dir: str | None, recompute: bool = False,
+                      cache_dir: str | None, recompute: bool = False, progress: bool = False,
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (version, dataset). Results already in the lineage for the same split are reused."""
+    from tqdm import tqdm
+
     rows = []
+    bar = tqdm(total=len(versions) * sum(s.format != "classification" for s in datasets), unit="eval",
+               disable=not progress, leave=False)
     for vid in versions:
         model_cfg, tokenizer = lineage.model_config(vid), lineage.tokenizer(vid)
         params = None
@@ -32,6 +36,7 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
         for src in datasets:
             if src.format == "classification":
                 continue
+            bar.update(1)
             cached = [v for k, v in stored.items() if k.startswith(f"{src.name}:") and isinstance(v, dict)
                       and v.get("seq_len") == seq_len and v.get("tokenizer") == tokenizer.fingerprint]
             if cached and not recompute:
@@ -45,6 +50,7 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
             lineage.add_metrics(vid, scores["key"], scores)
             rows.append({"version": vid, **scores})
             log(f"  {vid} on {src.name}: loss {scores['loss']:.4f}, {scores['bits_per_byte']:.3f} bits/byte")
+    bar.close()
     return rows
 
 
