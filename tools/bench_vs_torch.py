@@ -166,6 +166,10 @@ def main() -> int:
                     print(f"{v}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
                 runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                steady = runs[v][-1]["times"][1:]
+                # Progress as it goes: a long run cut short still leaves its measurements.
+                print(f"  {v}: median step {statistics.median(steady) * 1e3:.1f} ms "
+                      f"({args.batch * args.seq / statistics.median(steady):,.0f} tokens/s)", flush=True)
     import jax
 
     from lmadapt.model import count_params, init_params
