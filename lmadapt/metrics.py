@@ -170,15 +170,21 @@ def average_score(R: Matrix, trained_tasks: Sequence[int | None]) -> float:
     return float(arr[-1, tasks].mean())
 
 
-def backward_transfer(R: Matrix, trained_on: Sequence[int | None], higher_is_better: bool) -> float:
-    """BWT (GEM): s * mean over previously learned tasks j of (R[final][j] - R[last(j)][j]); > 0 = improved."""
+def _before_final(R: Matrix, trained_on: Sequence[int | None], what: str
+                  ) -> tuple[np.ndarray, dict[int, tuple[int, int]], int, list[int]]:
+    """(R, learned spans, final row, tasks learned before the final version); an error if there are none."""
     arr = _as_matrix(R)
-    trained = _check_trained_on(trained_on, *arr.shape)
-    spans = _learned_spans(trained)
+    spans = _learned_spans(_check_trained_on(trained_on, *arr.shape))
     final = arr.shape[0] - 1
     prev = _previously_learned(spans, final)
     if not prev:
-        raise ValueError("backward_transfer needs at least one task learned before the final version")
+        raise ValueError(f"{what} needs at least one task learned before the final version")
+    return arr, spans, final, prev
+
+
+def backward_transfer(R: Matrix, trained_on: Sequence[int | None], higher_is_better: bool) -> float:
+    """BWT (GEM): s * mean over previously learned tasks j of (R[final][j] - R[last(j)][j]); > 0 = improved."""
+    arr, spans, final, prev = _before_final(R, trained_on, "backward_transfer")
     diffs = [arr[final, j] - arr[spans[j][1], j] for j in prev]
     return float(_sign(higher_is_better) * np.mean(diffs))
 
@@ -230,13 +236,7 @@ def forgetting(
 
     Returns ``({task_index: f_j}, mean_j f_j)``; positive = forgot, in both conventions.
     """
-    arr = _as_matrix(R)
-    trained = _check_trained_on(trained_on, *arr.shape)
-    spans = _learned_spans(trained)
-    final = arr.shape[0] - 1
-    prev = _previously_learned(spans, final)
-    if not prev:
-        raise ValueError("forgetting needs at least one task learned before the final version")
+    arr, spans, final, prev = _before_final(R, trained_on, "forgetting")
     s = _sign(higher_is_better)
     # s * R turns both conventions into "higher is better", so one max covers max-accuracy and min-loss.
     per_task = {j: float(np.max(s * arr[spans[j][0]:final, j]) - s * arr[final, j]) for j in prev}
