@@ -17,6 +17,7 @@ Decoding uses the linen KV-cache idiom: `decode=True` with a "cache" collection 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -49,16 +50,67 @@ def _normal(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
-def _proj(cfg: ModelConfig, equation: str, shape: tuple[int, ...], names: tuple[str, ...],
-          bias_names: tuple[str, ...], *, name: str, std: float | None = None) -> nn.Einsum:
-    """A projection with a kernel of exactly `shape` (not flattened: DenseGeneral initialises a flat kernel,
-    which breaks logical-partitioning constraints under a mesh) and, in GPT-2 only, a zero-initialised bias
-    over the kernel's output axes."""
-    return nn.Einsum(
-        shape, equation, use_bias=cfg.family == "gpt2", name=name,
-        kernel_init=_normal(cfg.init_std if std is None else std, names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names),
-        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """x [N, K] @ w [K, M], accumulated in float32 and returned in `out_dtype` (None: x's dtype).
+
+    Its own VJP so the weight gradient is `x^T g` read from the saved input: left to autodiff, XLA's CPU
+    backend transposes the *output gradient* for that dot and fuses the whole residual-stream gradient
+    chain into the transpose, recomputing it once per layer (a fifth of a GPT-2 step on CPU; see
+    docs/performance.md). Same values as the plain einsum; GPU/TPU code paths are unaffected in effect.
+    """
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array, out_dtype: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return dense(x, w, out_dtype), (x, w)
+
+
+def _dense_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Projection(nn.Module):
+    """A linear map over the trailing `n_in` axes of its input, with a kernel of exactly `shape` (input axes then
+    output axes, each with its own logical name, so heads and head_dim shard separately) and, optionally, a
+    bias over the output axes. Computed as one 2-D `dense` on flattened axes."""
+
+    shape: tuple[int, ...]
+    n_in: int
+    names: tuple[str, ...]
+    bias_names: tuple[str, ...] | None  # None: no bias
+    std: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    out_dtype: Any = None  # None: the compute dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _normal(self.std, self.names), self.shape, self.param_dtype)
+        in_shape, out_shape = self.shape[:self.n_in], self.shape[self.n_in:]
+        k, m = math.prod(in_shape), math.prod(out_shape)
+        lead = x.shape[:x.ndim - self.n_in]
+        y = dense(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, m).astype(self.dtype), self.out_dtype)
+        y = y.reshape(*lead, *out_shape)
+        if self.bias_names is not None:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.bias_names)
+            y = y + self.param("bias", zeros, out_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+def _proj(cfg: ModelConfig, n_in: int, shape: tuple[int, ...], names: tuple[str, ...],
+          bias_names: tuple[str, ...], *, name: str, std: float | None = None) -> Projection:
+    """A projection of the model: biases in GPT-2 only, init std from the config unless given."""
+    return Projection(shape, n_in, names, bias_names if cfg.family == "gpt2" else None,
+                      cfg.init_std if std is None else std, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                      name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -150,11 +202,11 @@ class Attention(nn.Module):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         d = cfg.d_model
-        q = _proj(cfg, "btd,dhk->bthk", (d, heads, head_dim), ("embed", "heads", "head_dim"), ("heads", "head_dim"),
+        q = _proj(cfg, 1, (d, heads, head_dim), ("embed", "heads", "head_dim"), ("heads", "head_dim"),
                   name="q")(x)
         kv_names, kv_bias_names = ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
-        k = _proj(cfg, "btd,dhk->bthk", (d, kv_heads, head_dim), kv_names, kv_bias_names, name="k")(x)
-        v = _proj(cfg, "btd,dhk->bthk", (d, kv_heads, head_dim), kv_names, kv_bias_names, name="v")(x)
+        k = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="k")(x)
+        v = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="v")(x)
         if cfg.family == "llama":
             q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, QUERY)
@@ -169,7 +221,7 @@ class Attention(nn.Module):
 
         out = attention(q, k, v, q_index, segment_ids, kv_segment_ids, cfg.attention, decode=self.decode)
         out = nn.with_logical_constraint(out, QUERY)
-        return _proj(cfg, "bthk,hkd->btd", (heads, head_dim, d), ("heads", "head_dim", "embed"), ("embed",),
+        return _proj(cfg, 2, (heads, head_dim, d), ("heads", "head_dim", "embed"), ("embed",),
                      std=_residual_std(cfg), name="o")(out)
 
     def _update_cache(self, k: jax.Array, v: jax.Array,
@@ -209,13 +261,13 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         shape_in, shape_out = (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)
-        up = _proj(cfg, "btd,df->btf", shape_in, ("embed", "mlp"), ("mlp",), name="up")(x)
+        up = _proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="up")(x)
         if cfg.family == "llama":
-            hidden = nn.silu(_proj(cfg, "btd,df->btf", shape_in, ("embed", "mlp"), ("mlp",), name="gate")(x)) * up
+            hidden = nn.silu(_proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="gate")(x)) * up
         else:
             hidden = jax.nn.gelu(up, approximate=True)  # HF "gelu_new"
         hidden = nn.with_logical_constraint(hidden, MLP_HIDDEN)
-        return _proj(cfg, "btf,fd->btd", shape_out, ("mlp", "embed"), ("embed",), std=_residual_std(cfg),
+        return _proj(cfg, 1, shape_out, ("mlp", "embed"), ("embed",), std=_residual_std(cfg),
                      name="down")(hidden)
 
 
@@ -292,9 +344,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(dtype), preferred_element_type=jnp.float32)
         else:
-            logits = nn.Einsum((cfg.d_model, cfg.vocab_size), "btd,dv->btv", use_bias=False,
-                               kernel_init=_normal(cfg.init_std, ("embed", "vocab")), dtype=dtype,
-                               param_dtype=param_dtype, preferred_element_type=jnp.float32, name="lm_head")(x)
+            logits = Projection((cfg.d_model, cfg.vocab_size), 1, ("embed", "vocab"), None, cfg.init_std, dtype,
+                                param_dtype, out_dtype=jnp.float32, name="lm_head")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), LOGITS)
 
 

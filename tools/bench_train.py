@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lmadapt.allocator import active_library, reexec_with_fast_malloc  # noqa: E402
 from lmadapt.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
 from lmadapt.trainer import build  # noqa: E402
@@ -47,6 +48,21 @@ def flops_per_token(m: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus attention (12 * layers * seq_len * d_attn)."""
     n = n_params - (m.max_seq_len * m.d_model if m.family == "gpt2" else 0)
     return 6 * n + 12 * m.n_layers * seq_len * m.n_heads * m.dim_per_head
+
+
+def compiled_memory(compiled) -> dict[str, float] | None:
+    """XLA's buffer plan for a compiled step: argument (state + batch), output and temporary bytes, and the
+    peak it implies (outputs alias donated arguments). None where the backend gives no analysis."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - optional across backends and jax versions
+        return None
+    if ma is None:
+        return None
+    args, out, temp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
+    alias = getattr(ma, "alias_size_in_bytes", 0)
+    return {"arguments": float(args), "outputs": float(out), "temp": float(temp),
+            "total": float(args + out - alias + temp)}
 
 
 def bench_pipeline(cfg, steps: int = 50) -> dict[str, float]:
@@ -107,6 +123,15 @@ def main() -> int:
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
+        # Forward-only scoring (what eval.py runs) on the same batches.
+        eval_compiled = session.eval_fn.lower(state.params, batch).compile()
+        jax.block_until_ready(eval_compiled(state.params, batch))
+        eval_times = []
+        for step in range(1, args.steps + 1):
+            batch = session.batch(step)
+            t = time.perf_counter()
+            jax.block_until_ready(eval_compiled(state.params, batch))
+            eval_times.append(time.perf_counter() - t)
     n_params = count_params(state.params)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     med = statistics.median(times)
@@ -117,6 +142,7 @@ def main() -> int:
     mem_kind, mem = peak_memory_bytes()
 
     dev = jax.devices()[0]
+    print(f"allocator:           {active_library() or 'glibc malloc'}")
     print(f"device: {jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
     print(f"model: {m.family} L{m.n_layers} d{m.d_model} heads {m.n_heads}/{m.kv_heads} vocab {m.vocab_size}, "
           f"{n_params / 1e6:.1f}M params, param {m.param_dtype} compute {m.dtype}, scan={m.scan_layers} "
@@ -133,6 +159,13 @@ def main() -> int:
     if peak16:
         print(f"matmul peak bf16:    {peak16 / 1e9:,.1f} GFLOP/s  -> MFU {achieved / peak16:.1%}")
     print(f"{mem_kind + ':':<20} {mem / 2**30:.2f} GiB ({mem / n_params:.1f} bytes/param)")
+    plan = compiled_memory(compiled)
+    if plan:
+        print(f"compiled step memory: {plan['total'] / 2**30:.2f} GiB = {plan['total'] / n_params:.1f} bytes/param "
+              f"(state {plan['arguments'] / 2**30:.2f} GiB, temporaries {plan['temp'] / 2**30:.2f} GiB: "
+              f"gradients + activations)")
+    eval_tok_s = tokens / statistics.median(eval_times)
+    print(f"eval tokens/s:       {eval_tok_s:,.0f} (forward only) = {eval_tok_s / tok_s:.2f}x training")
     print(f"final loss:          {float(np.asarray(metrics['loss'])):.4f}")
     pipe = bench_pipeline(cfg)
     cold_tok_s = pipe["source_tokens"] / pipe["cold_build_s"]
@@ -145,4 +178,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_fast_malloc()  # as train.py does; LMADAPT_MALLOC=system measures glibc malloc
     sys.exit(main())

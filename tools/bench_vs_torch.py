@@ -2,6 +2,7 @@
 
     python tools/bench_vs_torch.py [--family gpt2] [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
         [--steps 8] [--rounds 2] [--variants jax-fp32,jax-bf16,torch-fp32,torch-bf16,torch-compile-bf16]
+        [--malloc both|system|fast]
 
 The model is initialised once in lmadapt and exported through the HF export path, so every variant
 starts from identical weights and trains on identical random tokens with AdamW (lr 1e-4, no decay,
@@ -10,6 +11,10 @@ spread the machine's noise over all of them; the table gives the median step tim
 with its spread, tokens/s, model FLOPs utilisation against the fp32 matmul peak measured in the same
 run (FLOPs/token = 6N + 12·L·T·d, N without position embeddings), the first-step (compile) time,
 peak RSS, and each variant's ratio to the best torch variant.
+
+`--malloc` runs each variant with glibc malloc ("system"), with the caching allocator train.py
+preloads ("fast": tcmalloc or jemalloc, see lmadapt/allocator.py), or both (the default): torch
+gains from it too, so the fair comparison is like against like, and the table shows every pairing.
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (after one compile/warm-up step)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", default="jax-fp32,jax-bf16,torch-fp32,torch-bf16,torch-compile-bf16")
+    p.add_argument("--malloc", choices=["both", "system", "fast"], default="both")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -150,25 +156,37 @@ def main() -> int:
 
     import jax.numpy as jnp
 
+    from lmadapt.allocator import find_library, preload_env
     from tools.bench_train import flops_per_token, matmul_peak  # the same formulas as bench_train
+
+    library = find_library("")
+    mallocs = {"system": ["system"], "fast": ["fast"], "both": ["system", "fast"]}[args.malloc]
+    if "fast" in mallocs and library is None:
+        print("no tcmalloc/jemalloc installed (apt install libtcmalloc-minimal4): glibc malloc only", file=sys.stderr)
+        mallocs = ["system"]
+    system_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    system_env["LMADAPT_MALLOC"] = "system"
+    envs = {"system": system_env, "fast": preload_env(library, system_env) if library else None}
 
     with tempfile.TemporaryDirectory() as directory:
         prepare(args, directory)
-        variants = args.variants.split(",")
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        variants = [(v, m) for v in args.variants.split(",") for m in mallocs]
+        runs: dict[str, list[dict]] = {f"{v} {m}": [] for v, m in variants}
         base = [sys.executable, os.path.abspath(__file__), "--dir", directory]
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("family", "layers", "d_model", "heads", "vocab", "seq", "batch", "steps")]
         for _ in range(args.rounds):
-            for v in variants:
-                out = subprocess.run([*base, *flags, "--child", v], capture_output=True, text=True, cwd=ROOT)
+            for v, m in variants:
+                out = subprocess.run([*base, *flags, "--child", v], capture_output=True, text=True, cwd=ROOT,
+                                     env=envs[m])
+                name = f"{v} {m}"
                 if out.returncode != 0:
-                    print(f"{v}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                    print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
-                runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                steady = runs[v][-1]["times"][1:]
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                steady = runs[name][-1]["times"][1:]
                 # Progress as it goes: a long run cut short still leaves its measurements.
-                print(f"  {v}: median step {statistics.median(steady) * 1e3:.1f} ms "
+                print(f"  {name}: median step {statistics.median(steady) * 1e3:.1f} ms "
                       f"({args.batch * args.seq / statistics.median(steady):,.0f} tokens/s)", flush=True)
     import jax
 
@@ -189,15 +207,21 @@ def main() -> int:
                    "tok_s": tokens / med, "mfu": tokens / med * fpt / peak,
                    "first_step_s": statistics.median(r["times"][0] for r in rs),
                    "rss_gib": max(r["rss"] for r in rs) / 2**30}
-    best_torch = max((r["tok_s"] for v, r in rows.items() if v.startswith("torch")), default=float("nan"))
+
+    def best_torch(malloc: str | None) -> float:
+        return max((r["tok_s"] for v, r in rows.items()
+                    if v.startswith("torch") and (malloc is None or v.endswith(" " + malloc))), default=float("nan"))
+
     print(f"model: {cfg.family} L{cfg.n_layers} d{cfg.d_model} vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; "
           f"batch {args.batch} x seq {args.seq}; {args.rounds} rounds x {args.steps} steps; fp32 matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; FLOPs/token {fpt:.3g}")
-    print(f"{'variant':<20} {'tokens/s':>9} {'median ms':>10} {'spread ms':>15} {'MFU':>6} {'1st step s':>10} "
-          f"{'RSS GiB':>8} {'vs best torch':>13}")
+    print(f"{'variant':<26} {'tokens/s':>9} {'median ms':>10} {'spread ms':>15} {'MFU':>6} {'1st step s':>10} "
+          f"{'RSS GiB':>8} {'/best torch same malloc':>23} {'/best torch':>11}")
     for v, r in rows.items():
-        print(f"{v:<20} {r['tok_s']:>9,.0f} {r['median_ms']:>10.1f} {r['min_ms']:>7.1f}-{r['max_ms']:<7.1f} "
-              f"{r['mfu']:>6.1%} {r['first_step_s']:>10.2f} {r['rss_gib']:>8.2f} {r['tok_s'] / best_torch:>12.2f}x")
+        same = best_torch(v.rsplit(" ", 1)[1])
+        print(f"{v:<26} {r['tok_s']:>9,.0f} {r['median_ms']:>10.1f} {r['min_ms']:>7.1f}-{r['max_ms']:<7.1f} "
+              f"{r['mfu']:>6.1%} {r['first_step_s']:>10.2f} {r['rss_gib']:>8.2f} {r['tok_s'] / same:>22.2f}x "
+              f"{r['tok_s'] / best_torch(None):>10.2f}x")
     return 0
 
 
