@@ -50,7 +50,7 @@ def main() -> int:
         try:
             base = load_config(args.config, [*common, f"run.dir={tmp}/base", "train.steps=1", "version.id=base",
                                              "continual.fisher.compute=true", "continual.fisher.batches=1"])
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 train(base)
             rows = []
             for name, extra in STRATEGIES.items():
