@@ -169,11 +169,6 @@ def evaluate_run(cfg, step: int | None) -> dict:
 
 
 if __name__ == "__main__":
-    from lmadapt.allocator import reexec_with_fast_malloc
+    from lmadapt.allocator import run_entry_point
 
-    try:
-        reexec_with_fast_malloc()  # before JAX loads: a caching malloc is worth ~20% of a CPU step
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main())
+    run_entry_point(main)

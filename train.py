@@ -46,11 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lmadapt.allocator import reexec_with_fast_malloc
+    from lmadapt.allocator import run_entry_point
 
-    try:
-        reexec_with_fast_malloc()  # before JAX loads: a caching malloc is worth ~20% of a CPU step
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main())
+    run_entry_point(main)

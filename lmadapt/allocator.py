@@ -76,3 +76,16 @@ def reexec_with_fast_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], preload_env(library))
+
+
+def run_entry_point(main) -> None:
+    """`sys.exit(main())` under a caching allocator: what an entry point's `__main__` block calls.
+
+    A bad `LMADAPT_MALLOC` exits 2 with one line, as config errors do.
+    """
+    try:
+        reexec_with_fast_malloc()  # before JAX loads: a caching malloc is worth ~1.5x on a CPU step
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main())
