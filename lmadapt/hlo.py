@@ -1,7 +1,7 @@
 """What a compiled step communicates: the collectives in its optimized HLO, counted and sized.
 
-Used by `tools/bench_collectives.py` and by the sharding tests to check that a training step reduces each
-gradient once (one all-reduce or reduce-scatter worth of bytes per gradient), not more.
+Used by `tools/bench_collectives.py` and by `tests/test_hlo.py`, which checks that a training step reduces
+each gradient once (one all-reduce or reduce-scatter worth of bytes per gradient), not more.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+import jax
 import numpy as np
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
@@ -51,3 +53,30 @@ def count_collectives(hlo_text: str) -> Collectives:
         out.count[kind] += 1
         out.bytes[kind] += _result_bytes(result)
     return out
+
+
+@dataclass
+class StepCommunication:
+    """A compiled train step's collectives, its optimized HLO, and the gradient bytes they should match:
+    all of them (`grad_bytes`) and one device's shards (`grad_bytes_per_device`)."""
+
+    collectives: Collectives
+    hlo: str
+    grad_bytes: float
+    grad_bytes_per_device: float
+
+    @property
+    def reduced_bytes(self) -> float:
+        return float(self.collectives.bytes["all-reduce"] + self.collectives.bytes["reduce-scatter"])
+
+
+def step_communication(session: Any) -> StepCommunication:
+    """Compile `session`'s train step (a `lmadapt.trainer.Session`) for its mesh and count what it sends."""
+    with session.activate():
+        compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
+    full = shard = 0.0
+    for leaf in jax.tree.leaves(session.abstract_state.params):
+        full += float(np.prod(leaf.shape)) * leaf.dtype.itemsize
+        shard += float(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    text = compiled.as_text()
+    return StepCommunication(count_collectives(text), text, full, shard)

@@ -67,15 +67,6 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
-def state_from_params(params: Any, ref: Any, rng: jax.Array, tx: optax.GradientTransformation,
-                      opt_state: Any = None) -> TrainState:
-    """A state at step 0 around given params (a run started from a model version): the optimizer state
-    is fresh unless one is carried over; `ref` holds the strategy's constants."""
-    _, state_rng = jax.random.split(rng)
-    opt_state = tx.init(params) if opt_state is None else opt_state
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng, ref=ref)
-
-
 def token_loss_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropies and the number of counted tokens (both float32)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)

@@ -1,10 +1,8 @@
 """Collectives of the compiled train step (lmadapt/hlo.py): each gradient is reduced once."""
 
-import jax
-import numpy as np
 import pytest
 
-from lmadapt.hlo import count_collectives
+from lmadapt.hlo import count_collectives, step_communication
 from lmadapt.trainer import build
 
 SAMPLE = """
@@ -24,15 +22,6 @@ def test_counts_tuple_and_async_collectives_once_with_their_bytes():
     assert col.bytes["collective-permute"] == 8
 
 
-def _step_collectives(cfg):
-    session = build(cfg, log=lambda _: None)
-    with session.activate():
-        compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
-    grad_bytes = sum(float(np.prod(leaf.shape)) * leaf.dtype.itemsize
-                     for leaf in jax.tree.leaves(session.abstract_state.params))
-    return count_collectives(compiled.as_text()), grad_bytes
-
-
 @pytest.mark.parametrize("mesh,bound", [(("mesh.data=8",), 1.0), (("mesh.data=1", "mesh.fsdp=8"), 1.0),
                                         (("mesh.data=2", "mesh.fsdp=4"), 1.25)])
 def test_gradients_are_reduced_once(tiny_config, mesh, bound):
@@ -40,9 +29,10 @@ def test_gradients_are_reduced_once(tiny_config, mesh, bound):
     bytes add up to at most one full copy of the gradients. On a data x fsdp mesh XLA reduces the untied
     head's gradient in two stages (over fsdp, then over data on the fsdp shard), hence 1.25
     (docs/performance.md)."""
-    col, grad_bytes = _step_collectives(tiny_config(*mesh))
-    reduced = col.bytes["all-reduce"] + col.bytes["reduce-scatter"]
-    assert 0.5 * grad_bytes < reduced <= bound * grad_bytes + 1024, (dict(col.count), dict(col.bytes), grad_bytes)
+    comm = step_communication(build(tiny_config(*mesh), log=lambda _: None))
+    col, grad_bytes = comm.collectives, comm.grad_bytes
+    assert 0.5 * grad_bytes < comm.reduced_bytes <= bound * grad_bytes + 1024, (dict(col.count), dict(col.bytes),
+                                                                             grad_bytes)
     if mesh == ("mesh.data=8",):
         # Pure data parallelism: XLA combines every gradient into one all-reduce, and gathers nothing.
         assert col.count["all-reduce"] <= 2 and col.count["all-gather"] == 0, dict(col.count)

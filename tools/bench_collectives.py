@@ -19,26 +19,10 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from lmadapt.config import ConfigError, load_config  # noqa: E402
-from lmadapt.hlo import count_collectives  # noqa: E402
+from lmadapt.hlo import step_communication  # noqa: E402
 from lmadapt.trainer import build  # noqa: E402
-
-
-def step_collectives(cfg) -> tuple[object, float, float, str]:
-    """(collectives, bytes of all gradients, gradient bytes held per device, optimized HLO) of cfg's step."""
-    session = build(cfg)
-    with session.activate():
-        compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
-    # A device holds each parameter's shard; its gradient is reduced to the same layout.
-    full = shard = 0.0
-    for leaf in jax.tree.leaves(session.abstract_state.params):
-        full += float(np.prod(leaf.shape)) * leaf.dtype.itemsize
-        shard += float(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-    text = compiled.as_text()
-    return count_collectives(text), full, shard, text
 
 
 def main() -> int:
@@ -55,16 +39,16 @@ def main() -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        col, full, shard, text = step_collectives(cfg)
-        reduced = col.bytes["all-reduce"] + col.bytes["reduce-scatter"]
-        print(f"\nmesh data={d} fsdp={f} tensor={t}: gradients {full / 2**20:.3f} MiB ({shard / 2**20:.3f} MiB held "
-              f"per device); all-reduce + reduce-scatter {reduced / 2**20:.3f} MiB/device = {reduced / full:.2f}x "
+        comm = step_communication(build(cfg, log=lambda _: None))
+        print(f"\nmesh data={d} fsdp={f} tensor={t}: gradients {comm.grad_bytes / 2**20:.3f} MiB "
+              f"({comm.grad_bytes_per_device / 2**20:.3f} MiB held per device); all-reduce + reduce-scatter "
+              f"{comm.reduced_bytes / 2**20:.3f} MiB/device = {comm.reduced_bytes / comm.grad_bytes:.2f}x "
               f"the gradients")
-        print(col.table())
+        print(comm.collectives.table())
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"train_step_{mesh}.hlo.txt"), "w") as fh:
-                fh.write(text)
+                fh.write(comm.hlo)
     return 0
 
 

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmadapt.allocator import active_library, reexec_with_fast_malloc  # noqa: E402
+from lmadapt.allocator import active_library, run_entry_point  # noqa: E402
 from lmadapt.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
 from lmadapt.trainer import build  # noqa: E402
@@ -178,5 +178,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_fast_malloc()  # as train.py does; LMADAPT_MALLOC=system measures glibc malloc
-    sys.exit(main())
+    run_entry_point(main)  # under the caching malloc train.py uses; LMADAPT_MALLOC=system measures glibc

@@ -187,8 +187,3 @@ def _read_tfds(src: SourceConfig, what: str) -> SourceRead:
     if not docs:
         raise DataError(f"{what}: tfds {src.dataset!r} split {src.split!r} holds no non-empty {src.feature!r} texts")
     return SourceRead(docs, fingerprint)
-
-
-def classification_prompts(src: SourceConfig, text: str) -> tuple[str, list[str]]:
-    """The prompt for `text` and the continuations to rank (" " + label), as training renders them."""
-    return src.template.replace("{text}", text), [" " + label for label in (src.labels or [])]
