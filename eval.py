@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from lmadapt.tokenizer import TokenizerError
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, LineageError, TokenizerError)
+    if args.hf:
+        from lmadapt.hf import HFError  # imported only when used: it pulls in the model
+
+        errors += (HFError,)
     try:
         if args.run:
             cfg = load_config(os.path.join(args.run, "config.yaml"), args.overrides)
@@ -72,8 +76,8 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
         from lmadapt.hf import import_hf
         from lmadapt.versioning import import_root
 
+        params, model, tokenizer = import_hf(args.hf)  # first: a bad directory leaves no temporary lineage
         lineage = Lineage(args.lineage or tempfile.mkdtemp(prefix="lmadapt-eval-"))
-        params, model, tokenizer = import_hf(args.hf)
         versions = [import_root(lineage, args.hf, params, model, tokenizer)]
     else:
         lineage = Lineage(args.lineage)

@@ -23,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported late so that `--help` and config errors answer without initialising JAX.
+    from lmadapt.checkpoint import CheckpointError
     from lmadapt.config import ConfigError, load_config
     from lmadapt.data import DataError
+    from lmadapt.guards import TrainingError
     from lmadapt.lineage import LineageError
+    from lmadapt.trainer import dry_run, train
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from lmadapt.trainer import dry_run, train
 
         if args.dry_run:
             print(dry_run(cfg))
@@ -42,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, LineageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the disk filled up while writing logs: the message names the file
+        print(f"error: {e}; completed checkpoints are intact", file=sys.stderr)
+        return 1
     return 0
 
 

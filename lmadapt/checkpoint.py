@@ -1,18 +1,26 @@
 """In-run checkpoints on Orbax: asynchronous saves, a keep policy, and restore onto any mesh.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut short
-by a crash is never listed by `latest_step()` and never read back.
+by a crash is never listed by `latest_step()` and never read back. Each checkpoint is committed with a
+content manifest (`<step>/MANIFEST.json`, see manifest.py), which `verify` checks before a resume, so a
+checkpoint damaged later (truncated copy, flipped bits, a file dropped in) is never restored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lmadapt import manifest
 from lmadapt.config import CheckpointConfig
+
+# Orbax rewrites these at commit, after the manifest is written; everything else in a step is covered.
+ORBAX_COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
 
 class CheckpointError(RuntimeError):
@@ -22,16 +30,27 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Train-state checkpoints of one run (`<run.dir>/checkpoints/<step>/`)."""
 
-    def __init__(self, directory: str, cfg: CheckpointConfig):
+    def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
+        """`read_only`: for inspecting a run that may be live (nothing is created, cleaned or saved)."""
         self.directory = epath.Path(directory)
+        self._async = cfg.async_save
+        self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
-            create=True,
-            cleanup_tmp_directories=True,  # half-written saves from a crash are removed on start
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # half-written saves from a crash are removed on start
+            # Runs in Orbax's background thread once a save is committed (on every process).
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_committed) if cfg.async_save
+            else None,
         )
         # Handlers are named up front so a fresh process can read metadata before its first save.
+        if not read_only and jax.process_index() == 0 and self.directory.is_dir():
+            # Saves cut short by a crash; Orbax's own cleanup does not catch every kind.
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -46,8 +65,54 @@ class Checkpointer:
         """Start saving `state` (asynchronously if configured); `meta` is small JSON (config, data position)."""
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(meta)), force=force)
+        try:
+            # An asynchronous save that failed in the background (disk full, ...) raises here, at the next one.
+            started = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                      meta=ocp.args.JsonSave(meta)), force=force)
+            if not self._async and jax.process_index() == 0:  # the callback belongs to asynchronous saves
+                manifest.write(str(self.directory / str(step)), ORBAX_COMMIT_FILES)
+        except Exception as e:
+            raise self._failure(e) from None
+        return started
+
+    def _failure(self, error: Exception) -> CheckpointError:
+        """The error for a save that failed: what went wrong and which checkpoint is still complete. The
+        partial write is removed so that a full disk gets its space back."""
+        self._failed = True
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._manager.reload()
+        steps = list(self._manager.all_steps())
+        last = f"the last complete checkpoint is {self.directory / str(max(steps))}" if steps else \
+            "no checkpoint of this run is complete"
+        text = str(error).strip()
+        cause = "no space left on device" if "No space left" in text or "os_error_code='28'" in text else \
+            f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed ({cause}); {last}")
+
+    def _seal_committed(self) -> None:
+        """Write the manifest of the save that is finishing (process 0; all processes' files are in place).
+
+        Orbax calls this after the items are finalised and before it renames the temporary directory
+        into place, so the manifest is part of what is committed. Only the finishing save has a
+        temporary directory at that point (earlier ones are committed, crashed ones were cleaned up)."""
+        if jax.process_index() == 0:
+            for path in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                if path.is_dir() and not manifest.has_manifest(str(path)):
+                    manifest.write(str(path), ORBAX_COMMIT_FILES)
+
+    def verify(self, step: int) -> list[str]:
+        """Problems with checkpoint `step` (empty if intact): see `manifest.check`. A checkpoint committed
+        but never sealed (the process died between the two) is reported as unverifiable, not damaged."""
+        return manifest.check(str(self.directory / str(step)), ORBAX_COMMIT_FILES)
+
+    def newest_intact(self, below: int | None = None) -> int | None:
+        """The newest checkpoint (below step `below`) whose manifest checks out, or None."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if (below is None or step < below) and not self.verify(step):
+                return step
+        return None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs).
@@ -56,12 +121,21 @@ class Checkpointer:
         CheckpointError instead of restoring part of the tree.
         """
         self._check_matches(step, abstract_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                      meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # damage is reported from deep inside TensorStore, as any exception type
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
+                                  f"{first})") from None
         return restored["state"], restored["meta"]
 
     def _check_matches(self, step: int, abstract_state: Any) -> None:
-        saved = self._manager.item_metadata(step)["state"]
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # unreadable metadata: same as a damaged checkpoint
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has unreadable metadata "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
         if saved is None:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable 'state' item")
         check_tree_matches(saved, abstract_state, f"checkpoint {self.directory / str(step)}", CheckpointError)
@@ -71,8 +145,15 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for in-flight saves; raise CheckpointError if one failed (once: not again after a save did)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if not self._failed:
+                raise self._failure(e) from None
+        finally:
+            with contextlib.suppress(Exception):  # closing after a failed save may fail the same way
+                self._manager.close()
 
 
 def check_tree_matches(saved: Any, target: Any, where: str, error: type[Exception]) -> None:

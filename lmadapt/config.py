@@ -6,7 +6,9 @@ sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import types
@@ -102,6 +104,11 @@ class DistributedConfig:
     process_id: int | None = None
     local_device_ids: list[int] | None = None
     initialization_timeout: int = 300  # seconds
+    # A process that misses heartbeats this long is declared dead by the coordinator, which then aborts
+    # the others, so a killed peer ends the job instead of leaving the survivors blocked in a collective.
+    heartbeat_timeout: int = 100  # seconds (JAX's default)
+    # How long the processes wait for each other at exit (JAX's shutdown barrier).
+    shutdown_timeout: int = 300  # seconds (JAX's default)
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -174,6 +181,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/lmadapt"  # tokenized sources and trained tokenizers, reused across runs
     long_docs: Literal["split", "truncate"] = "split"  # documents longer than train.seq_len (counted)
     decode_errors: Literal["replace", "fail"] = "replace"  # undecodable bytes (replaced ones are counted)
+    # One document (or JSONL line) larger than this is refused by name: a file that is one giant line is
+    # more likely a mistake (a dump, a minified blob) than text, and it would be held whole in memory.
+    max_document_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -182,6 +192,10 @@ class TrainConfig:
     batch_size: int = 8  # global, in sequences
     seq_len: int = 256
     microbatches: int = 1  # gradient accumulation: batch_size is split into this many parts
+    # A step with a non-finite loss or gradient never updates the params; then "skip" counts it and goes
+    # on, "stop" ends the run with an error. Either way the run stops after this many in a row (0: never).
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_in_a_row: int = 10
 
 
 @dataclass
@@ -365,7 +379,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
         _set_dotted(raw, key.strip(), value, origin="command line")
     cfg = _build(Config, raw, prefix="", origin=origin)
     validate(cfg, origin)
@@ -391,10 +408,12 @@ def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{path}{where}: not valid YAML ({_yaml_problem(e)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -402,12 +421,22 @@ def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: key 'base' has value {bases!r}; expected a config file path or a list of them")
     merged: dict[str, Any] = {}
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):  # name the including file too: the user edits that one
+            raise ConfigError(f"{path}: key 'base' has value {base!r}; config file {base_path!r} not found")
         _deep_merge(merged, _read_yaml_tree(base_path, seen + (real,)))
     _deep_merge(merged, data)
     return merged
+
+
+def _yaml_problem(e: Exception) -> str:
+    # `problem` is PyYAML's one-line description; errors without one (a reader error on a control
+    # character) print a multi-line text with the position, flattened here to keep errors to one line.
+    return " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _deep_merge(dst: dict, src: dict) -> None:
@@ -448,7 +477,7 @@ def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)  # YAML keys may be ints or null too
     if unknown:
         key = prefix + str(unknown[0])
         raise ConfigError(f"{origin}: unknown key {key!r} (known keys under {prefix.rstrip('.') or 'the top level'}: "
@@ -508,15 +537,18 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             return value
         raise bad()
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
         # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad()
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise bad()
+        if not math.isfinite(number):  # .inf / .nan would only surface as a diverged run, much later
+            raise ConfigError(f"{origin}: key {key!r} has value {value!r}; expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -566,6 +598,8 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive integer")
     need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
     need(t.microbatches > 0, "train.microbatches", t.microbatches, "a positive integer")
+    need(t.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row,
+         "a non-negative integer")
     need(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
          f"a divisor of train.batch_size={t.batch_size}")
 
@@ -577,7 +611,7 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     for i, rule in enumerate(mesh.rules):
         ok = (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
               and (rule[1] is None or (isinstance(rule[1], str) and rule[1] in sizes)
-                   or (isinstance(rule[1], list) and all(a in sizes for a in rule[1]))))
+                   or (isinstance(rule[1], list) and all(isinstance(a, str) and a in sizes for a in rule[1]))))
         need(ok, f"mesh.rules[{i}]", rule, "[logical_name, mesh_axis | [mesh_axes] | null]")
 
     o = cfg.optimizer
@@ -598,6 +632,12 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
     need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
+    for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        v = getattr(cfg.distributed, name)
+        need(v > 0, f"distributed.{name}", v, "a positive number of seconds")
+    # Seeds feed numpy and JAX generators, which take unsigned 32-bit seeds (a negative one fails deep inside).
+    for key, seed in (("run.seed", cfg.run.seed), ("data.seed", cfg.data.seed)):
+        need(0 <= seed < 2**32, key, seed, "an integer in [0, 2**32)")
     _validate_data(cfg, need)
     need(cfg.init.from_version is None or cfg.init.from_hf is None, "init.from_hf", cfg.init.from_hf,
          "null when init.from_version is set (a run starts from one place)")
@@ -646,6 +686,7 @@ def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]
 def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
     d, tok = cfg.data, cfg.tokenizer
     need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    need(d.max_document_bytes > 0, "data.max_document_bytes", d.max_document_bytes, "a positive integer")
     need(tok.kind != "bytes" or cfg.model.vocab_size >= 259, "model.vocab_size", cfg.model.vocab_size,
          "at least 259 for the byte tokenizer (256 bytes + bos, eos, pad)")
     need(tok.kind != "sentencepiece" or tok.path is not None or 16 <= tok.vocab_size <= cfg.model.vocab_size,

@@ -14,6 +14,7 @@ needed here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import linen as nn
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from lmadapt.config import ModelConfig
@@ -150,8 +152,12 @@ def _num(hf: Mapping[str, Any], key: str, kind: type = int, default: Any = None)
         if default is None:
             raise HFError(f"config.json: missing {key!r}")
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0 or (kind is int and value % 1):
-        raise HFError(f"config.json: {key}={value!r} is not a positive {'integer' if kind is int else 'number'}")
+    # JSON allows NaN and Infinity (json.load reads them), and sizes feed int32 shapes and indices.
+    if (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            or (isinstance(value, float) and not math.isfinite(value))
+            or (kind is int and (value % 1 or value >= 2**31))):
+        what = "integer below 2**31" if kind is int else "finite number"
+        raise HFError(f"config.json: {key}={value!r} is not a positive {what}")
     return kind(value)
 
 
@@ -162,10 +168,10 @@ def _default_rope(rope: Any) -> bool:
 def _config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """Validate an HF config.json dict and translate it; every unsupported feature is refused by name."""
     model_type = hf.get("model_type")
-    if model_type not in _ARCH:
+    if not isinstance(model_type, str) or model_type not in _ARCH:
         raise HFError(f"config.json: model_type {model_type!r} is not supported (expected 'llama' or 'gpt2')")
     archs = hf.get("architectures") or [_ARCH[model_type]]
-    if list(archs) != [_ARCH[model_type]]:
+    if not isinstance(archs, list) or archs != [_ARCH[model_type]]:
         raise HFError(f"config.json: architectures {archs} not supported; expected [{_ARCH[model_type]!r}]")
     rope = hf.get("rope_parameters") or {}
     checks = {  # key -> (supported?, what is): each feature model.py does not implement
@@ -313,11 +319,19 @@ def _read_json(path: str) -> dict[str, Any]:
     return obj
 
 
+def _load_weights(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file; a truncated or foreign file is an HFError naming it (not the library's own error)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HFError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+
+
 def read_hf_state(directory: str) -> dict[str, np.ndarray]:
     """All tensors of an HF directory: model.safetensors or the shards its index names. Pickle is refused."""
     single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
     if os.path.isfile(single):
-        return load_file(single)
+        return _load_weights(single)
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -327,7 +341,7 @@ def read_hf_state(directory: str) -> dict[str, np.ndarray]:
             # Shards must sit beside the index: a name like "../x" would read outside the checkpoint.
             if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(directory, shard)):
                 raise HFError(f"{index}: shard {shard!r} is not a file in {directory}")
-            state.update(load_file(os.path.join(directory, shard)))
+            state.update(_load_weights(os.path.join(directory, shard)))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise HFError(f"{index}: tensor(s) {', '.join(missing[:5])} listed but not in any shard")
@@ -347,7 +361,10 @@ def import_hf(directory: str) -> tuple[dict[str, Any], ModelConfig, Tokenizer | 
         raise HFError(f"{directory}: no {CONFIG_FILE}")
     hf_config = _read_json(config_path)
     state = read_hf_state(directory)
-    params, cfg = from_hf(state, hf_config)
+    try:
+        params, cfg = from_hf(state, hf_config)
+    except HFError as e:  # from_hf sees dicts only: say which directory the tensors and config came from
+        raise HFError(f"{directory}: {e}") from None
     has_tokenizer = any(os.path.isfile(os.path.join(directory, n)) for n in (TOKENIZER_FILE, BYTES_FILE))
     return params, cfg, load_tokenizer(directory) if has_tokenizer else None
 

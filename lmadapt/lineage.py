@@ -6,11 +6,14 @@
       versions/<id>/params/        Orbax checkpoint of the params (restores onto any mesh)
       versions/<id>/artifacts/<name>/   optional named pytrees (EWC Fisher, LoRA adapters, ...)
       versions/<id>/tokenizer.model | tokenizer.bytes
-      versions/<id>/MANIFEST.json  size and sha256 of every file above: `verify` recomputes them
+      versions/<id>/MANIFEST.json  size and sha256 of every file above: checked before a version is read
       metrics/<id>.json            evaluation results added later (the version itself never changes)
 
-A version is written into `.staging/<id>` and renamed into `versions/<id>` in one step, so a crash
-leaves no half version, and an id that exists is refused before anything is written.
+A version is written into `.staging/<id>.<nonce>` and renamed into `versions/<id>` in one step, so a
+crash leaves no half version, an id that exists is refused before anything is written, and of two
+processes publishing one id at once exactly one succeeds (the rename onto a non-empty directory fails).
+Reading a version first checks its manifest: a damaged file, a pickle or a symlink out of the lineage
+stops the read with an error naming the file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 from typing import Any
 
 import jax
@@ -29,13 +34,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lmadapt import manifest
 from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
 from lmadapt.model import stack_layers, unstack_layers
 from lmadapt.tokenizer import Tokenizer, load_tokenizer
 
 VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-RECORD, MANIFEST = "record.json", "MANIFEST.json"
+RECORD, MANIFEST = "record.json", manifest.MANIFEST
+OWNER = "owner.json"  # in a staging directory: which host and process is writing it
 
 
 class LineageError(ValueError):
@@ -76,6 +83,7 @@ class Lineage:
 
     def __post_init__(self) -> None:
         self.directory = os.path.abspath(os.path.expanduser(self.directory))
+        self._checked: set[str] = set()  # versions whose files were verified by this object
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -100,13 +108,34 @@ class Lineage:
             known = ", ".join(self.ids()[-10:]) if os.path.isdir(os.path.join(self.directory, "versions")) else ""
             raise LineageError(f"lineage {self.directory}: no version {version_id!r}"
                                + (f" (latest: {known})" if known else " (the lineage is empty)"))
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            raise LineageError(f"{path}: unreadable record ({e}); `tools/lineage.py verify {version_id}` checks "
+                               f"the version") from None
+        if not isinstance(record, dict):
+            raise LineageError(f"{path}: the record is not a JSON object")
+        return record
+
+    def check_intact(self, version_id: str) -> None:
+        """Raise LineageError naming the first damaged, missing, added or untrusted file of a version
+        (once per version and Lineage object: the files never change after publishing)."""
+        if version_id in self._checked:
+            return
+        self.record(version_id)
+        problems = manifest.check(self.path(version_id))
+        if problems:
+            raise LineageError(f"version {version_id!r} of lineage {self.directory} is damaged and was not read: "
+                               f"{manifest.summary(problems)}; `python tools/lineage.py --dir {self.directory} "
+                               f"verify {version_id}` lists every problem")
+        self._checked.add(version_id)
 
     def model_config(self, version_id: str) -> ModelConfig:
         return section_from_dict(ModelConfig, self.record(version_id)["model"], f"version {version_id}", "model.")
 
     def tokenizer(self, version_id: str) -> Tokenizer:
+        self.check_intact(version_id)
         return load_tokenizer(self.path(version_id))
 
     def parents(self, version_id: str) -> list[str]:
@@ -119,10 +148,14 @@ class Lineage:
             chain.append(parents[0])
         return chain
 
-    def load_params(self, version_id: str, target: Any | None = None, scan_layers: bool | None = None) -> Any:
+    def load_params(self, version_id: str, target: Any | None = None, scan_layers: bool | None = None, *,
+                    check: bool = True) -> Any:
         """Params of a version. `target`: a tree of ShapeDtypeStructs with shardings (restores each shard
         straight onto its devices, on any mesh); `scan_layers`: the layout wanted, converted if the
-        version was saved in the other one. Mismatched shapes or dtypes raise LineageError."""
+        version was saved in the other one. Mismatched shapes or dtypes, and (with `check`) a damaged
+        version, raise LineageError."""
+        if check:
+            self.check_intact(version_id)
         record = self.record(version_id)
         saved_scan = record["model"].get("scan_layers", False)
         path = os.path.join(self.path(version_id), "params")
@@ -143,6 +176,7 @@ class Lineage:
     def load_artifact(self, version_id: str, name: str, target: Any | None = None) -> Any:
         """A named artifact; with `target` (ShapeDtypeStructs with shardings) restored onto those devices."""
         path = os.path.join(self.path(version_id), "artifacts", check_version_id(name))
+        self.check_intact(version_id)
         if not os.path.isdir(path):
             have = self.record(version_id).get("artifacts", [])
             raise LineageError(f"version {version_id!r} has no artifact {name!r} (it has {have or 'none'})")
@@ -179,10 +213,13 @@ class Lineage:
             raise LineageError(f"version {version_id!r} already exists in lineage {self.directory}; versions are "
                                f"written once: choose another version.id")
         lead = jax.process_index() == 0
-        staging = os.path.join(self.directory, ".staging", version_id)
+        # A staging directory of its own per publish (the nonce is shared by the job's processes), so two
+        # jobs publishing at once never write into one directory.
+        staging = os.path.join(self.directory, ".staging", f"{version_id}.{_shared_nonce():016x}")
         if lead:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a publish that crashed
+            _remove_abandoned_staging(os.path.dirname(staging))
             os.makedirs(staging)
+            _write_json(os.path.join(staging, OWNER), {"host": socket.gethostname(), "pid": os.getpid()})
         _sync("lineage-staging")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(staging, "params"), params)
@@ -199,17 +236,23 @@ class Lineage:
             "tokens": int(tokens), "metrics": metrics or {}, "params_hash": digest,
             "artifacts": sorted(artifacts or {}), **(extra or {}),
         }
+        failed = ""
         if lead:
+            os.remove(os.path.join(staging, OWNER))
             tokenizer.save(staging)
             _write_json(os.path.join(staging, RECORD), record)
-            _write_json(os.path.join(staging, MANIFEST), _manifest(staging))
+            manifest.write(staging)
             os.makedirs(os.path.dirname(final), exist_ok=True)
             try:
                 os.rename(staging, final)  # the commit: atomic, and refuses an existing non-empty target
             except OSError as e:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise LineageError(f"version {version_id!r} could not be committed to {final}: {e}") from None
+                failed = (f"version {version_id!r} was published to {final} by another process while this one was "
+                          f"writing it; this copy was discarded: choose another version.id" if os.path.exists(final)
+                          else f"version {version_id!r} could not be committed to {final}: {e}")
         _sync("lineage-commit")
+        if failed:
+            raise LineageError(failed)
         return record
 
     def add_metrics(self, version_id: str, key: str, values: dict[str, Any]) -> None:
@@ -225,18 +268,10 @@ class Lineage:
 
     def verify(self, version_id: str) -> list[str]:
         """Problems found in a version (empty if intact): files changed, missing or added since publishing,
-        and a params content hash that no longer matches the record."""
-        root = self.path(version_id)
-        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
-            expected = json.load(f)
-        actual = _manifest(root)
-        problems = [f"{p}: missing" for p in sorted(set(expected) - set(actual))]
-        problems += [f"{p}: not in the manifest (added after publishing)" for p in sorted(set(actual) - set(expected))]
-        problems += [f"{p}: contents changed (sha256 {actual[p]['sha256'][:12]}..., published "
-                     f"{expected[p]['sha256'][:12]}...)" for p in sorted(set(actual) & set(expected))
-                     if actual[p] != expected[p]]
+        pickle files or symlinks out of the lineage, and a params content hash that no longer matches."""
+        problems = manifest.check(self.path(version_id))
         try:
-            digest = params_hash(self.load_params(version_id))
+            digest = params_hash(self.load_params(version_id, check=False))
             if digest != self.record(version_id)["params_hash"]:
                 problems.append(f"params: content hash {digest[:19]}... differs from the record's "
                                 f"{self.record(version_id)['params_hash'][:19]}...")
@@ -245,29 +280,42 @@ class Lineage:
         return problems
 
 
-def _manifest(root: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            if rel == MANIFEST:
-                continue
-            h = hashlib.sha256()
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[rel] = {"bytes": os.path.getsize(full), "sha256": h.hexdigest()}
-    return dict(sorted(out.items()))
+def _shared_nonce() -> int:
+    """A random 64-bit number, the same on every process of the job."""
+    nonce = np.array(secrets.randbits(63), dtype=np.int64)
+    if jax.process_count() > 1:
+        nonce = multihost_utils.broadcast_one_to_all(nonce)
+    return int(nonce)
+
+
+def _remove_abandoned_staging(root: str) -> None:
+    """Delete staging directories left by publishes that crashed on this host (their process is gone);
+    those of live processes, or of other hosts, are left alone."""
+    if not os.path.isdir(root):
+        return
+    host = socket.gethostname()
+    for name in os.listdir(root):
+        try:
+            with open(os.path.join(root, name, OWNER), encoding="utf-8") as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue  # being committed right now, or not ours to judge
+        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", 0))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    manifest.write_json(path, obj, default=_json_default)
 
 
 def _json_default(x: Any) -> Any:

@@ -49,6 +49,8 @@ def maybe_initialize_distributed(cfg: DistributedConfig) -> bool:
         process_id=cfg.process_id,
         local_device_ids=cfg.local_device_ids,
         initialization_timeout=cfg.initialization_timeout,
+        heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+        shutdown_timeout_seconds=cfg.shutdown_timeout,
     )
     return True
 

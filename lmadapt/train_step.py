@@ -29,6 +29,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
     ref: Any = struct.field(default_factory=dict)  # constants of the strategy: anchor, fisher, teacher
+    skipped: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))  # non-finite steps so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch, accumulating gradients over `microbatches` parts.
 
+    A step whose loss, penalty or gradients are not finite leaves params and optimizer state as they
+    were, counts itself in `state.skipped` and says which leaves were bad in `nonfinite_leaves`.
+
     The per-token objective is the mean over real (mask=1) tokens of the whole global batch: gradients
     of its *sums* are accumulated and divided once by the total count, so k microbatches give exactly
     the update of one batch k times the size. The regularisers are added once per step.
@@ -161,8 +165,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     if objective.l2sp or objective.ewc:
         reg, reg_grads = jax.value_and_grad(penalty)(state.params, state.ref, objective)
         grads = jax.tree.map(jnp.add, grads, reg_grads)
+    # A non-finite loss or gradient must not reach the params or the Adam moments (one NaN there is
+    # permanent). Selecting the old state elementwise fuses into the update itself, so it costs no
+    # extra memory; the trainer's policy (skip and count, or stop) decides what happens next.
+    leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(total) & jnp.isfinite(reg) & jnp.all(leaf_finite)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
     rng, _ = jax.random.split(state.rng)
 
     metrics = {
@@ -171,12 +182,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         "tokens": n_tokens,
         "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
+        "skipped": state.skipped + (~finite).astype(jnp.int32),
+        "nonfinite_leaves": ~leaf_finite,  # per leaf of params (tree order); not logged, read by the trainer
     }
     if objective.distill_weight:
         metrics["kl"] = kl_sum / denom
     if objective.l2sp or objective.ewc:
         metrics["penalty"] = reg
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                              skipped=metrics["skipped"])
     return new_state, metrics
 
 

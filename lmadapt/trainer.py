@@ -8,8 +8,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +18,16 @@ import jax
 import numpy as np
 import optax
 import yaml
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from lmadapt import fisher, sharding, strategy
-from lmadapt.checkpoint import Checkpointer
+from lmadapt import fisher, guards, sharding, strategy
+from lmadapt.checkpoint import Checkpointer, CheckpointError
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
-from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule
+from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule, param_paths
 from lmadapt.tokenizer import BYTES_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
 from lmadapt.versioning import publish_run, resolve_origin
@@ -55,6 +52,7 @@ class Session:
     objective: Objective
     groups: list[dict[str, Any]]  # the parameter-group table (what --dry-run prints)
     tx: optax.GradientTransformation
+    leaf_groups: list[tuple[str, str]]  # (path, group) of every params leaf, in tree order
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -147,7 +145,9 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
                    init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn,
-                   objective=objective, groups=table, tx=tx)
+                   objective=objective, groups=table, tx=tx,
+                   leaf_groups=list(zip(jax.tree.leaves(param_paths(boxed.params)), jax.tree.leaves(labels),
+                                        strict=True)))
 
 
 def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, evals: dict[str, float],
@@ -202,36 +202,6 @@ def run_tokenizer(run_dir: str) -> Tokenizer | None:
     return load_tokenizer(run_dir) if has else None
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; checked between steps so a preempted job saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self, sync_point: bool) -> bool:
-        """Whether to stop now. With several processes all must stop at the same step, so they only
-        compare flags at sync points (the logging steps); a single process stops at the next step."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if not sync_point:
-            return False
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
-
-
 def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
           devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Run (or resume) the job described by `cfg`; return a summary (final step, losses, eval loss).
@@ -241,11 +211,15 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
     """
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a device
     run_dir = os.path.abspath(cfg.run.dir)
+    guards.check_writable(run_dir, "run.dir")
+    if cfg.lineage.dir:
+        guards.check_writable(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), "lineage.dir")
     origin = resolve_origin(cfg)
     cfg = origin.cfg
     session = build(cfg, devices, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer,
                     teacher_cfg=origin.teacher_cfg)
     lead = jax.process_index() == 0
+    guards.check_room(run_dir, session.abstract_state)
     if lead:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -255,10 +229,15 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if lead else None
     meta = {"config": config_to_dict(cfg)}
 
-    with session.activate(), _StopFlag() as stop, ThreadPoolExecutor(1) as prefetch:
-        latest = ckpt.latest_step()
+    # A process of a multi-process job died: one error line and exit 3 instead of a hang then SIGABRT.
+    with session.activate(), guards.StopFlag() as stop, ThreadPoolExecutor(1) as prefetch, \
+            guards.exit_on_lost_peer():
+        latest = guards.resume_point(ckpt, log)
         if latest is not None:
-            state, _ = ckpt.restore(latest, session.abstract_state)
+            try:
+                state, _ = ckpt.restore(latest, session.abstract_state)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; {guards.intact_hint(ckpt, latest)}") from None
             log(f"resumed from {ckpt.directory / str(latest)}")
         elif origin.load_params is not None:
             target = session.abstract_state.params
@@ -278,54 +257,59 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not (lead and cfg.logging.progress),
                    dynamic_ncols=True, unit="step")
         pending: list[tuple[int, dict]] = []
+        watch = guards.NonFiniteWatch(cfg.train, session.leaf_groups, int(state.skipped))
         eval_loss, evals = None, None
         t_last, n_tokens = time.perf_counter(), 0.0
         next_batch = prefetch.submit(session.batch, start)
         step = start
-        while step < cfg.train.steps:
-            batch = next_batch.result()
-            if step + 1 < cfg.train.steps:
-                next_batch = prefetch.submit(session.batch, step + 1)
-            state, metrics = session.step_fn(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            bar.update(1)
-            if on_step is not None:
-                on_step(step)
+        try:
+            while step < cfg.train.steps:
+                batch = next_batch.result()
+                if step + 1 < cfg.train.steps:
+                    next_batch = prefetch.submit(session.batch, step + 1)
+                state, metrics = session.step_fn(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step)
 
-            at_end = step == cfg.train.steps
-            if step % cfg.logging.every == 0 or at_end:
-                fetched = jax.device_get(pending)  # the loop's one host sync, every logging.every steps
-                pending.clear()
-                now = time.perf_counter()
-                n_tokens = sum(m["tokens"] for _, m in fetched)
-                tok_s = n_tokens / max(now - t_last, 1e-9)
-                t_last = now
-                for s, m in fetched:
+                at_end = step == cfg.train.steps
+                if step % cfg.logging.every == 0 or at_end:
+                    fetched = jax.device_get(pending)  # the loop's one host sync, every logging.every steps
+                    pending.clear()
+                    now = time.perf_counter()
+                    n_tokens = sum(m["tokens"] for _, m in fetched)
+                    tok_s = n_tokens / max(now - t_last, 1e-9)
+                    t_last = now
+                    for s, m in fetched:
+                        bad_leaves = m.pop("nonfinite_leaves")
+                        if logger:
+                            logger.write(s, m)
+                        watch.check(s, m, bad_leaves, log)
+                    bar.set_postfix(loss=f"{fetched[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
                     if logger:
-                        logger.write(s, m)
-                bar.set_postfix(loss=f"{fetched[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-                if logger:
-                    logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
-            if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
-                evals = session.evaluate(state.params)
-                eval_loss = evals["loss"]
-                if logger:
-                    logger.write(step, evals, prefix="eval")
-                    logger.write(step, {f"{k}_tokens": v for k, v in session.data.tokens_seen(step).items()},
-                                 prefix="data")
-                if lead:
-                    per_source = ", ".join(f"{k.removesuffix('/loss')} {v:.4f}" for k, v in evals.items()
-                                           if k != "loss")
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f} ({per_source})")
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
-                ckpt.save(step, state, meta, force=True)
-            if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
-                ckpt.save(step, state, meta, force=True)
-                log(f"stopping on signal at step {step}; checkpoint saved")
-                break
-        bar.close()
-        ckpt.close()
+                        logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
+                if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
+                    evals = session.evaluate(state.params)
+                    eval_loss = evals["loss"]
+                    if logger:
+                        logger.write(step, evals, prefix="eval")
+                        logger.write(step, {f"{k}_tokens": v for k, v in session.data.tokens_seen(step).items()},
+                                     prefix="data")
+                    if lead:
+                        per_source = ", ".join(f"{k.removesuffix('/loss')} {v:.4f}" for k, v in evals.items()
+                                               if k != "loss")
+                        bar.write(f"step {step}: eval loss {eval_loss:.4f} ({per_source})")
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
+                    ckpt.save(step, state, meta, force=True)
+                if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
+                    ckpt.save(step, state, meta, force=True)
+                    log(f"stopping on signal at step {step}; checkpoint saved")
+                    break
+        finally:  # in-flight async saves complete (or fail loudly) before the process goes on or exits
+            bar.close()
+            ckpt.close()
         version = None
         if step == cfg.train.steps and stop.signal is None:
             evals = evals if evals is not None else session.evaluate(state.params)

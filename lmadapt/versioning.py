@@ -92,6 +92,7 @@ def resolve_origin(cfg: Config) -> Origin:
             tokenizer = lineage.tokenizer(vid)
         except LineageError as e:
             raise ConfigError(f"init.from_version: {e}") from None
+        _check_seq_len(cfg, model, f"version {vid!r}")
         cfg = dataclasses.replace(cfg, model=model)
         if cfg.data.replay.from_lineage:
             cfg = _with_lineage_replay(cfg, lineage.record(vid))
@@ -109,6 +110,7 @@ def resolve_origin(cfg: Config) -> Origin:
         except (HFError, OSError) as e:
             raise ConfigError(f"init.from_hf: {e}") from None
         model = adopt_architecture(cfg.model, hf_model)
+        _check_seq_len(cfg, model, f"the Hugging Face model in {cfg.init.from_hf}")
         cfg = dataclasses.replace(cfg, model=model)
         parents = []
         if lineage is not None:
@@ -121,6 +123,13 @@ def resolve_origin(cfg: Config) -> Origin:
         return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {cfg.init.from_hf}", lineage,
                       _teacher_cfg(cfg, lineage))
     return Origin(cfg, None, [], None, "fresh initialisation", lineage, _teacher_cfg(cfg, lineage))
+
+
+def _check_seq_len(cfg: Config, model: ModelConfig, what: str) -> None:
+    # Validation saw the config's own model; a run started from weights takes their architecture.
+    if cfg.train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is over the maximum of {what} "
+                          f"(max_seq_len={model.max_seq_len}); set train.seq_len<={model.max_seq_len}")
 
 
 def _teacher_cfg(cfg: Config, lineage: Lineage | None) -> ModelConfig | None:

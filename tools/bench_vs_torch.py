@@ -73,7 +73,7 @@ def run_jax(args, directory: str, precision: str) -> list[float]:
     cfg = dataclasses.replace(cfg, dtype="bfloat16" if precision == "bf16" else "float32", scan_layers=False)
     model = Transformer(cfg)
     tx = optax.adamw(1e-4, weight_decay=0.0)
-    tokens = np.load(os.path.join(directory, "tokens.npy")).astype(np.int32)
+    tokens = np.load(os.path.join(directory, "tokens.npy"), allow_pickle=False).astype(np.int32)
     b, t = tokens.shape[0], tokens.shape[1] - 1
     batch = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
@@ -101,7 +101,7 @@ def run_torch(args, directory: str, precision: str, compiled: bool) -> list[floa
                                                               attn_implementation="sdpa")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    tokens = torch.from_numpy(np.load(os.path.join(directory, "tokens.npy")))
+    tokens = torch.from_numpy(np.load(os.path.join(directory, "tokens.npy"), allow_pickle=False))
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def loss_fn():

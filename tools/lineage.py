@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from lmadapt.lineage import Lineage, LineageError  # noqa: E402
+from lmadapt.lineage import Lineage, LineageError, check_version_id  # noqa: E402
 
 
 def cmd_list(lineage: Lineage, args: argparse.Namespace) -> int:
@@ -141,6 +141,8 @@ def cmd_diff(lineage: Lineage, args: argparse.Namespace) -> int:
 
 def cmd_verify(lineage: Lineage, args: argparse.Namespace) -> int:
     bad = 0
+    for vid in args.ids:
+        lineage.record(vid)  # an unknown or malformed id is a usage error (exit 2), not a tampered version
     for vid in args.ids or lineage.ids():
         problems = lineage.verify(vid)
         if problems:
@@ -201,6 +203,8 @@ def cmd_import_hf(lineage: Lineage, args: argparse.Namespace) -> int:
     from lmadapt.hf import import_hf
     from lmadapt.versioning import import_root
 
+    if args.id is not None:
+        check_version_id(args.id)  # before the import's work, and so that --id "" is not taken as no id
     params, model, tokenizer = import_hf(args.hf_dir)
     vid = import_root(lineage, args.hf_dir, params, model, tokenizer, version_id=args.id)
     print(f"imported {args.hf_dir} as version {vid}")

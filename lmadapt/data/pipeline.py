@@ -215,12 +215,13 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
     """
     new = [(s, False) for s in data.sources]
     old = [(s, True) for s in data.replay.sources] if data.replay.fraction > 0 else []
-    reads = {s.name: read_source(s, data.decode_errors) for s, _ in new + old}
+    reads = {s.name: read_source(s, data.decode_errors, data.max_document_bytes) for s, _ in new + old}
     if tokenizer is None:
         tokenizer = resolve_tokenizer(tok_cfg, {s.name: reads[s.name] for s, _ in new}, data.cache_dir)
     components, val, described = [], {}, {}
+    stores: list[Callable[[], None]] = []  # cache writes, done once every source has packed
     for src, replay in new + old:
-        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir)
+        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, pending=stores)
         train_rows, val_rows = _pack_source(src, tokenized, data, tokenizer, batch_size, seq_len)
         group = old if replay else new
         share = data.replay.fraction if replay else 1.0 - (data.replay.fraction if old else 0.0)
@@ -233,6 +234,8 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
                                "replaced_chars": tokenized.replaced_chars, "cache_hit": tokenized.cache_hit, **stats}
         if log:
             log(_summary(src.name, described[src.name], data.long_docs))
+    for store in stores:
+        store()
     return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described)
 
 

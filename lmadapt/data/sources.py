@@ -67,8 +67,18 @@ def read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 2**20  # data.max_document_bytes
+
+
 def decode(raw: bytes, path: str, policy: str) -> tuple[str, int]:
-    """UTF-8 text and the number of replaced characters; `policy` "fail" raises naming file and byte."""
+    """UTF-8 text and the number of replaced characters; `policy` "fail" raises naming file and byte.
+
+    A NUL byte is refused whatever the policy: text never holds one, while almost every binary file
+    (archives, images, checkpoints, UTF-16 text) does, and replacing its undecodable bytes would train on noise.
+    """
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path}: looks like a binary file (NUL byte at offset {nul}); expected UTF-8 text")
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError as e:
@@ -102,8 +112,12 @@ def split_documents(text: str, rule: str, max_chars: int) -> list[str]:
     return docs
 
 
-def read_source(src: SourceConfig, decode_errors: str = "replace") -> SourceRead:
-    """Read every document of `src`. Errors name the source, the file and (for JSONL) the line."""
+def read_source(src: SourceConfig, decode_errors: str = "replace",
+                max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> SourceRead:
+    """Read every document of `src`. Errors name the source, the file and (for JSONL) the line.
+
+    A document (a JSONL line) over `max_document_bytes` of UTF-8 is an error naming file, line and size.
+    """
     what = f"source {src.name!r}"
     if src.kind == "tfds":
         return _read_tfds(src, what)
@@ -116,9 +130,12 @@ def read_source(src: SourceConfig, decode_errors: str = "replace") -> SourceRead
         text, bad = decode(raw, path, decode_errors)
         replaced += bad
         if src.kind == "text":
-            docs.extend(Document(d) for d in split_documents(text, src.documents, src.max_chars))
+            found = split_documents(text, src.documents, src.max_chars)
+            if len(raw) > max_document_bytes:  # else no document can be over the limit: skip the count
+                _check_sizes(found, text, path, max_document_bytes)
+            docs.extend(Document(d) for d in found)
         else:
-            docs.extend(_jsonl_documents(text, path, src))
+            docs.extend(_jsonl_documents(text, path, src, max_document_bytes))
     if not docs:
         raise DataError(f"{what}: {src.path!r} holds no documents (all files empty)")
     fingerprint = {"kind": src.kind, "files": prints, **_reading_rule(src)}
@@ -140,12 +157,33 @@ def _reading_rule(src: SourceConfig) -> dict[str, Any]:
     return rule
 
 
-def _jsonl_documents(text: str, path: str, src: SourceConfig) -> list[Document]:
+def _too_big(text: str, limit: int) -> int:
+    """The UTF-8 size of `text` when it is over `limit` bytes, else 0 (encoding only when it could be)."""
+    if 4 * len(text) <= limit:  # at most 4 bytes a character
+        return 0
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    return size if size > limit else 0
+
+
+def _check_sizes(docs: list[str], text: str, path: str, limit: int) -> None:
+    for d in docs:
+        if size := _too_big(d, limit):
+            start = text.find(d[:64])
+            line = text.count("\n", 0, start) + 1 if start >= 0 else "?"
+            raise DataError(f"{path}:{line}: a document of {size:,} bytes, over data.max_document_bytes={limit:,} "
+                            f"(raise it if the file really is one long document)")
+
+
+def _jsonl_documents(text: str, path: str, src: SourceConfig, limit: int) -> list[Document]:
     docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # JSONL records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085, \v ..., which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings. A "\r" before "\n" is JSON whitespace.
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
+        if size := _too_big(line, limit):  # checked before parsing: json.loads would hold it several times over
+            raise DataError(f"{where}: a line of {size:,} bytes, over data.max_document_bytes={limit:,}")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

@@ -9,11 +9,13 @@ content.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,16 +50,25 @@ def cache_key(read: SourceRead, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
-def tokenize_source(name: str, read: SourceRead, tokenizer: Tokenizer, cache_dir: str | None) -> TokenizedSource:
-    """Tokens of every document of `read`, from the cache when it holds them, else encoded and stored."""
+def tokenize_source(name: str, read: SourceRead, tokenizer: Tokenizer, cache_dir: str | None,
+                    pending: list[Callable[[], None]] | None = None) -> TokenizedSource:
+    """Tokens of every document of `read`, from the cache when it holds them, else encoded and stored.
+
+    With `pending`, the store is appended to it instead of done now (the caller stores once every source
+    is known to be usable, so a run refused for its data leaves nothing behind).
+    """
     key = cache_key(read, tokenizer)
     entry = os.path.join(os.path.expanduser(cache_dir), "tokens", key) if cache_dir else None
     if entry and os.path.isfile(os.path.join(entry, "meta.json")):
         return _load(entry, name, read)
     tokens, starts, weights = _encode(read.documents, tokenizer)
     if entry:
-        _store(entry, tokens, starts, weights, {"name": name, "fingerprint": read.fingerprint,
-                                                "tokenizer": tokenizer.fingerprint})
+        meta = {"name": name, "fingerprint": read.fingerprint, "tokenizer": tokenizer.fingerprint}
+        store = functools.partial(_store, entry, tokens, starts, weights, meta)
+        if pending is None:
+            store()
+        else:
+            pending.append(store)
     return TokenizedSource(name, tokens, starts, weights, read.fingerprint, read.replaced_chars)
 
 
