@@ -183,7 +183,7 @@ def _estimate_fisher(cfg: Config, session: Session, origin: Any, params: Any) ->
 
 def dry_run(cfg: Config) -> str:
     """The parameter-group table and the strategy of `cfg`, as text (builds everything, trains nothing)."""
-    origin = resolve_origin(cfg)
+    origin = resolve_origin(cfg, write=False)
     session = build(origin.cfg, tokenizer=origin.tokenizer, teacher_cfg=origin.teacher_cfg)
     desc = strategy.describe(origin.cfg, session.groups, origin.teacher_cfg)
     lines = [f"start: {origin.description}; strategy: {desc['kind']}",

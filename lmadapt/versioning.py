@@ -78,8 +78,9 @@ def adopt_architecture(mine: ModelConfig, theirs: ModelConfig) -> ModelConfig:
     return dataclasses.replace(theirs, **{f: getattr(mine, f) for f in RUNTIME_FIELDS})
 
 
-def resolve_origin(cfg: Config) -> Origin:
-    """Resolve `init.*` against `lineage.dir`. Errors are ConfigErrors naming the key."""
+def resolve_origin(cfg: Config, *, write: bool = True) -> Origin:
+    """Resolve `init.*` against `lineage.dir`. Errors are ConfigErrors naming the key. With `write=False`
+    (a dry run) Hugging Face weights are not published as a root version of the lineage."""
     lineage = Lineage(cfg.lineage.dir) if cfg.lineage.dir else None
     if cfg.version.id and lineage and lineage.exists(cfg.version.id) and not _published_by_this_run(cfg):
         raise ConfigError(f"version.id {cfg.version.id!r} already exists in lineage {lineage.directory}; versions "
@@ -113,7 +114,7 @@ def resolve_origin(cfg: Config) -> Origin:
         _check_seq_len(cfg, model, f"the Hugging Face model in {cfg.init.from_hf}")
         cfg = dataclasses.replace(cfg, model=model)
         parents = []
-        if lineage is not None:
+        if lineage is not None and write:
             parents = [import_root(lineage, cfg.init.from_hf, params, hf_model, tokenizer)]
 
         def load_hf(target: Any) -> Any:

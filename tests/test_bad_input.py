@@ -624,6 +624,15 @@ def test_seq_len_over_an_imported_models_maximum(tmp_path, hf_dir):
     refused(train.main, ["--dry-run", *base_args(d, f"init.from_hf={hf_dir}")], [d, hf_dir], "train.seq_len")
 
 
+def test_dry_run_from_hf_writes_nothing_to_the_lineage(tmp_path, hf_dir):
+    lin = str(tmp_path / "lin")
+    os.mkdir(lin)
+    rc, err = call(train.main, ["--dry-run", *base_args(str(tmp_path), f"init.from_hf={hf_dir}", f"lineage.dir={lin}",
+                                                        "train.seq_len=32", "mesh.data=8")])
+    assert rc == 0, err
+    assert os.listdir(lin) == []  # a real run imports the weights as a root version; a dry run must not
+
+
 # ---- The command line: a few real subprocesses -------------------------------------------------------------------
 
 

@@ -1,0 +1,68 @@
+"""The run configuration: one typed dataclass tree, loaded from YAML plus `key.sub=value` overrides.
+
+Everything a run needs is here and validated once, at the edge (`load_config`). Modules receive the
+sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it. `schema.py` holds the tree,
+`loading.py` the YAML and overrides, `validation.py` the cross-field checks.
+"""
+
+from lmadapt.config.loading import config_to_dict, load_config, section_from_dict
+from lmadapt.config.schema import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    ContinualConfig,
+    DataConfig,
+    DistillConfig,
+    DistributedConfig,
+    EvalConfig,
+    FisherConfig,
+    GroupConfig,
+    InitConfig,
+    LineageConfig,
+    LoggingConfig,
+    LoraConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ReplayConfig,
+    RunConfig,
+    ScheduleConfig,
+    SourceConfig,
+    StageConfig,
+    TokenizerConfig,
+    TrainConfig,
+    VersionConfig,
+)
+from lmadapt.config.validation import validate
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "ContinualConfig",
+    "DataConfig",
+    "DistillConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "FisherConfig",
+    "GroupConfig",
+    "InitConfig",
+    "LineageConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ReplayConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "SourceConfig",
+    "StageConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "VersionConfig",
+    "config_to_dict",
+    "load_config",
+    "section_from_dict",
+    "validate",
+]

@@ -1,0 +1,347 @@
+"""The run configuration's typed dataclass tree: every key, its type, default and meaning."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the file, the key, the value and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. `family` picks the block layout; sizes follow Hugging Face names."""
+
+    family: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = 320  # room for the default byte tokenizer (259)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 256  # Llama: intermediate_size; GPT-2: n_inner (4 * d_model)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0  # Llama only
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # GPT-2 always ties (validated)
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (mixed precision)
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = False
+    attention: Literal["auto", "xla", "cudnn", "einsum"] = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+# Logical axis name -> mesh axes. Kept as data (MaxText style): a user re-shards by editing YAML.
+DEFAULT_RULES: list[list[Any]] = [
+    ["batch", ["data", "fsdp"]],
+    ["activation_length", None],
+    ["activation_embed", "tensor"],
+    ["activation_heads", "tensor"],
+    ["activation_kv_heads", "tensor"],
+    ["activation_mlp", "tensor"],
+    ["activation_vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["vocab", "tensor"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["head_dim", None],
+    ["mlp", "tensor"],
+    ["position", None],
+    ["norm", None],
+    ["layers", None],
+    ["cache_batch", ["data", "fsdp"]],
+    ["cache_length", None],
+]
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-host start-up. `auto` initialises when the environment says it is a cluster job."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+    initialization_timeout: int = 300  # seconds
+    # A process that misses heartbeats this long is declared dead by the coordinator, which then aborts
+    # the others, so a killed peer ends the job instead of leaving the survivors blocked in a collective.
+    heartbeat_timeout: int = 100  # seconds (JAX's default)
+    # How long the processes wait for each other at exit (JAX's shutdown barrier).
+    shutdown_timeout: int = 300  # seconds (JAX's default)
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass
+class TokenizerConfig:
+    """`bytes` (no training, vocab 259) or a SentencePiece model: `path` to any `.model` file, or null to
+    train one (`vocab_size`, `model_type`) on the run's training sources, cached by their fingerprints."""
+
+    kind: Literal["bytes", "sentencepiece"] = "bytes"
+    path: str | None = None
+    vocab_size: int = 2048
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True
+    user_defined_symbols: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SourceConfig:
+    """One named data source of the mixture.
+
+    kind `text`: files, folders or globs (plain, .gz, .xz) cut into documents by `documents`.
+    kind `jsonl`: `format` text (`text_field`), prompt_completion (loss on the completion only), or
+    classification (`text_field` + `label_field`, rendered as `template` -> " " + label, labels in `labels`).
+    kind `tfds`: `dataset` ("name" or "name:version") `split` and `feature` from a local `data_dir`.
+    """
+
+    name: str = ""
+    kind: Literal["text", "jsonl", "tfds"] = "text"
+    path: str | None = None
+    weight: float = 1.0
+    documents: Literal["file", "blank_line", "chars"] = "chars"
+    max_chars: int = 4096
+    format: Literal["text", "prompt_completion", "classification"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    label_field: str = "label"
+    labels: list[str] | None = None
+    template: str = "{text}\nLabel:"
+    dataset: str | None = None
+    split: str = "train"
+    feature: str = "text"
+    data_dir: str | None = None
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(name="shakespeare", path="data/shakespeare.txt.xz")]
+
+
+@dataclass
+class ReplayConfig:
+    """Replay: `fraction` of every batch drawn from `sources` (the data earlier versions trained on)."""
+
+    fraction: float = 0.0
+    sources: list[SourceConfig] = field(default_factory=list)
+    from_lineage: bool = False  # add the sources (and replay sources) the parent version was trained on
+
+
+@dataclass
+class DataConfig:
+    """Training data: a weighted mixture of `sources` plus replay, packed into rows of train.seq_len."""
+
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    val_fraction: float = 0.05  # of each source's documents, held out (deterministically) for eval
+    seed: int = 0
+    cache_dir: str = "~/.cache/lmadapt"  # tokenized sources and trained tokenizers, reused across runs
+    long_docs: Literal["split", "truncate"] = "split"  # documents longer than train.seq_len (counted)
+    decode_errors: Literal["replace", "fail"] = "replace"  # undecodable bytes (replaced ones are counted)
+    # One document (or JSONL line) larger than this is refused by name: a file that is one giant line is
+    # more likely a mistake (a dump, a minified blob) than text, and it would be held whole in memory.
+    max_document_bytes: int = 64 * 2**20
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 256
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many parts
+    # A step with a non-finite loss or gradient never updates the params; then "skip" counts it and goes
+    # on, "stop" ends the run with an error. Either way the run stops after this many in a row (0: never).
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_in_a_row: int = 10
+
+
+@dataclass
+class GroupConfig:
+    """A parameter group: the parameters any `select` entry matches (first group wins; the rest form
+    "default"). Entries: embeddings, attention, mlp, norms, head, biases, lora, base, `layers:A-B`
+    (blocks A..B inclusive), `re:REGEX` (on paths like layers_0/attn/q/kernel); join with '+' for AND."""
+
+    name: str = ""
+    select: list[str] = field(default_factory=list)
+    frozen: bool = False  # no updates and no optimizer state
+    lr_scale: float = 1.0
+    weight_decay: bool | None = None  # null: decay matrices only (not norms, biases, vectors)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0  # global-norm clip; None disables
+    groups: list[GroupConfig] = field(default_factory=list)
+    carry_state: bool = False  # start from the parent version's optimizer state (saved with lineage.save_opt_state)
+
+
+@dataclass
+class ScheduleConfig:
+    """Every run (each continual stage included) starts its schedule at step 0: warmup re-warms the
+    learning rate and the decay re-decays it. `wsd`: warmup, stable, then linear decay over the last
+    `decay_fraction` of the steps ("infinite" schedule)."""
+
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: train.steps
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 disables periodic saves (a final and a preemption save still happen)
+    keep: int = 3  # the newest N checkpoints...
+    keep_every: int = 0  # ...plus every checkpoint at a multiple of this many steps (0: none)
+    async_save: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500  # steps; 0 disables
+    batches: int = 4
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between metric fetches (the only host sync in the loop)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class FisherConfig:
+    """Estimate the diagonal Fisher of the run's result on its training data and publish it with the
+    version (EWC in a later stage reads it). Online EWC: the parent's Fisher times `gamma` is added."""
+
+    compute: bool = False
+    kind: Literal["empirical", "true"] = "empirical"
+    batches: int = 8
+    gamma: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    """Distillation: loss = data_weight * CE + weight * T^2 * KL(teacher_T || student_T) on the run's data.
+    teacher "parent" (LwF / self-distillation) or a version id (e.g. a bigger model, for a smaller student)."""
+
+    weight: float = 0.0
+    temperature: float = 2.0
+    teacher: str = "parent"
+    data_weight: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on `targets` (q, k, v, o, gate, up, down); the base is frozen. rank 0: off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+
+
+@dataclass
+class ContinualConfig:
+    """Regularised updates toward the parent version theta*: L2-SP and EWC weights (lambda), distillation,
+    LoRA, and the Fisher estimate this run publishes."""
+
+    l2sp: float = 0.0
+    ewc: float = 0.0
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class InitConfig:
+    """Where a run's params start: fresh (both null), a lineage version, or a Hugging Face directory."""
+
+    from_version: str | None = None
+    from_hf: str | None = None
+
+
+@dataclass
+class LineageConfig:
+    """`dir`: the lineage that `init.from_version` reads and a finished run publishes into (null: no publish)."""
+
+    dir: str | None = None
+    save_opt_state: bool = False  # also publish the optimizer state (for optimizer.carry_state in a child)
+
+
+@dataclass
+class VersionConfig:
+    """The version a finished run publishes: `id` (null: generated from the time and run) and a note."""
+
+    id: str | None = None
+    note: str = ""
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged run: a version name and the overrides that make its config."""
+
+    name: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    lineage: LineageConfig = field(default_factory=LineageConfig)
+    version: VersionConfig = field(default_factory=VersionConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # a staged run (see lmadapt.stages)

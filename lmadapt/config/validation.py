@@ -1,0 +1,157 @@
+"""Cross-field checks of a loaded config, run once at the edge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# Validation: cross-field checks, once
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, origin: str = "<config>") -> None:
+    """Check values and relations between them; raise ConfigError naming the first problem."""
+
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{origin}: key {key!r} has value {value!r}; expected {expected}")
+
+    m = cfg.model
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        need(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
+    need(m.n_kv_heads is None or m.n_kv_heads > 0, "model.n_kv_heads", m.n_kv_heads, "a positive integer or null")
+    need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+         f"a divisor of model.n_heads={m.n_heads}")
+    need(m.head_dim is not None or m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+    need(m.head_dim is None or m.head_dim > 0, "model.head_dim", m.head_dim, "a positive integer or null")
+    need(m.family == "gpt2" or m.dim_per_head % 2 == 0, "model.head_dim", m.dim_per_head,
+         "an even head size (RoPE rotates pairs)")
+    need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
+         "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
+    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
+
+    t = cfg.train
+    need(t.steps > 0, "train.steps", t.steps, "a positive integer")
+    need(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
+    need(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive integer")
+    need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
+    need(t.microbatches > 0, "train.microbatches", t.microbatches, "a positive integer")
+    need(t.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row,
+         "a non-negative integer")
+    need(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
+         f"a divisor of train.batch_size={t.batch_size}")
+
+    mesh = cfg.mesh
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for name, v in sizes.items():
+        need(v == -1 or v > 0, f"mesh.{name}", v, "a positive integer or -1 (all remaining devices)")
+    need(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+    for i, rule in enumerate(mesh.rules):
+        ok = (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
+              and (rule[1] is None or (isinstance(rule[1], str) and rule[1] in sizes)
+                   or (isinstance(rule[1], list) and all(isinstance(a, str) and a in sizes for a in rule[1]))))
+        need(ok, f"mesh.rules[{i}]", rule, "[logical_name, mesh_axis | [mesh_axes] | null]")
+
+    o = cfg.optimizer
+    need(o.lr > 0, "optimizer.lr", o.lr, "a positive number")
+    need(0 <= o.b1 < 1, "optimizer.b1", o.b1, "a number in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", o.b2, "a number in [0, 1)")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    need(o.grad_clip is None or o.grad_clip > 0, "optimizer.grad_clip", o.grad_clip, "a positive number or null")
+    s = cfg.schedule
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "an integer >= 0")
+    need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "a positive integer")
+    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "a number in [0, 1]")
+
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "an integer >= 0")
+    need(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "a positive integer")
+    need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", cfg.checkpoint.keep_every, "an integer >= 0")
+    need(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "an integer >= 0")
+    need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
+    need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
+    need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
+    for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        v = getattr(cfg.distributed, name)
+        need(v > 0, f"distributed.{name}", v, "a positive number of seconds")
+    # Seeds feed numpy and JAX generators, which take unsigned 32-bit seeds (a negative one fails deep inside).
+    for key, seed in (("run.seed", cfg.run.seed), ("data.seed", cfg.data.seed)):
+        need(0 <= seed < 2**32, key, seed, "an integer in [0, 2**32)")
+    _validate_data(cfg, need)
+    need(cfg.init.from_version is None or cfg.init.from_hf is None, "init.from_hf", cfg.init.from_hf,
+         "null when init.from_version is set (a run starts from one place)")
+    need(cfg.init.from_version is None or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
+         "the lineage directory that holds init.from_version")
+    _validate_continual(cfg, need)
+    for i, stage in enumerate(cfg.stages):
+        need(_VERSION_RE.fullmatch(stage.name) is not None, f"stages.{i}.name", stage.name, "a version id")
+    need(not cfg.stages or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
+         "a lineage directory: the stages publish their versions there")
+    for key, vid in (("init.from_version", cfg.init.from_version), ("version.id", cfg.version.id)):
+        need(vid is None or (_VERSION_RE.fullmatch(vid) is not None and ".." not in vid), key, vid,
+             "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")
+
+
+def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    c, started = cfg.continual, cfg.init.from_version or cfg.init.from_hf
+    for key, value in (("continual.l2sp", c.l2sp), ("continual.ewc", c.ewc), ("continual.distill.weight",
+                                                                                 c.distill.weight)):
+        need(value >= 0, key, value, "a number >= 0")
+        need(value == 0 or bool(started) or (key == "continual.distill.weight" and c.distill.teacher != "parent"),
+             key, value, "0 unless the run starts from a version (init.from_version or init.from_hf)")
+    need(c.ewc == 0 or cfg.init.from_version is not None, "continual.ewc", c.ewc,
+         "0 unless init.from_version names a version that carries a Fisher estimate")
+    need(c.distill.temperature > 0, "continual.distill.temperature", c.distill.temperature, "a positive number")
+    need(c.lora.rank >= 0, "continual.lora.rank", c.lora.rank, "an integer >= 0 (0: no LoRA)")
+    need(c.lora.rank == 0 or bool(started), "continual.lora.rank", c.lora.rank,
+         "0 unless the run starts from a version (LoRA adapts existing weights)")
+    for t in c.lora.targets:
+        need(t in ("q", "k", "v", "o", "gate", "up", "down"), "continual.lora.targets", c.lora.targets,
+             "a list of q, k, v, o, gate, up, down")
+    need(c.fisher.batches > 0, "continual.fisher.batches", c.fisher.batches, "a positive integer")
+    need(0 <= c.fisher.gamma <= 1, "continual.fisher.gamma", c.fisher.gamma, "a number in [0, 1]")
+    need(not cfg.optimizer.carry_state or cfg.init.from_version is not None, "optimizer.carry_state", True,
+         "false unless init.from_version names a version published with lineage.save_opt_state=true")
+    need(not cfg.data.replay.from_lineage or cfg.init.from_version is not None, "data.replay.from_lineage", True,
+         "false unless init.from_version is set (the replay sources come from its record)")
+    need(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", cfg.schedule.decay_fraction,
+         "a number in (0, 1]")
+    for i, g in enumerate(cfg.optimizer.groups):
+        need(_NAME_RE.fullmatch(g.name) is not None, f"optimizer.groups.{i}.name", g.name, "a name")
+        need(bool(g.select), f"optimizer.groups.{i}.select", g.select, "at least one selector")
+        need(g.lr_scale >= 0, f"optimizer.groups.{i}.lr_scale", g.lr_scale, "a number >= 0")
+
+
+def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    d, tok = cfg.data, cfg.tokenizer
+    need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
+    need(d.max_document_bytes > 0, "data.max_document_bytes", d.max_document_bytes, "a positive integer")
+    need(tok.kind != "bytes" or cfg.model.vocab_size >= 259, "model.vocab_size", cfg.model.vocab_size,
+         "at least 259 for the byte tokenizer (256 bytes + bos, eos, pad)")
+    need(tok.kind != "sentencepiece" or tok.path is not None or 16 <= tok.vocab_size <= cfg.model.vocab_size,
+         "tokenizer.vocab_size", tok.vocab_size, f"between 16 and model.vocab_size={cfg.model.vocab_size}")
+    need(bool(d.sources), "data.sources", d.sources, "at least one source")
+    need(0 <= d.replay.fraction < 1, "data.replay.fraction", d.replay.fraction, "a number in [0, 1)")
+    need(d.replay.fraction == 0 or bool(d.replay.sources) or d.replay.from_lineage, "data.replay.sources",
+         d.replay.sources, "at least one source when data.replay.fraction > 0 (or data.replay.from_lineage=true)")
+    seen: set[str] = set()
+    groups = [("data.sources", d.sources), ("data.replay.sources", d.replay.sources)]
+    for group, sources in groups:
+        for i, src in enumerate(sources):
+            key = f"{group}.{i}"
+            need(_NAME_RE.fullmatch(src.name) is not None, f"{key}.name", src.name,
+                 "a name of letters, digits, '_', '-' or '.' (it names logs and cache entries)")
+            need(src.name not in seen, f"{key}.name", src.name, "a name not used by another source")
+            seen.add(src.name)
+            need(src.weight > 0, f"{key}.weight", src.weight, "a positive number")
+            need(src.max_chars > 0, f"{key}.max_chars", src.max_chars, "a positive integer")
+            if src.kind in ("text", "jsonl"):
+                need(bool(src.path), f"{key}.path", src.path, f"a file, folder or glob for kind {src.kind!r}")
+            if src.kind == "tfds":
+                need(bool(src.dataset), f"{key}.dataset", src.dataset, "a tfds dataset name for kind 'tfds'")
+            if src.format == "classification":
+                need(bool(src.labels), f"{key}.labels", src.labels, "the list of labels for format 'classification'")
+                need("{text}" in src.template, f"{key}.template", src.template, "a template containing {text}")
