@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +19,15 @@ import pytest
 
 from helpers import ROOT, run_cmd
 from lmadapt.checkpoint import Checkpointer
-from lmadapt.config import CheckpointConfig, ModelConfig, load_config
+from lmadapt.config import CheckpointConfig, load_config
 from lmadapt.lineage import Lineage, LineageError
 from lmadapt.logs import read_metrics
-from lmadapt.model import Transformer, init_params
+from lmadapt.model import Transformer
 from lmadapt.tokenizer import ByteTokenizer
 from lmadapt.train_step import init_state
+from test_lineage import CFG, params  # the same tiny model config and its params
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 
 
 def overrides(run_dir, steps=12, every=3):
@@ -58,19 +57,6 @@ def one_error_line(stderr):
     lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]
-
-
-def params(seed):
-    return nn.unbox(init_params(CFG, jax.random.PRNGKey(seed)))
-
-
-def snapshot(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), directory)] = fh.read()
-    return out
 
 
 def read(path):

@@ -7,6 +7,7 @@ sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it. `schema.py
 
 from lmadapt.config.loading import config_to_dict, load_config, section_from_dict
 from lmadapt.config.schema import (
+    DEFAULT_RULES,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -36,6 +37,7 @@ from lmadapt.config.schema import (
 from lmadapt.config.validation import validate
 
 __all__ = [
+    "DEFAULT_RULES",
     "CheckpointConfig",
     "Config",
     "ConfigError",
