@@ -166,14 +166,16 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         reg, reg_grads = jax.value_and_grad(penalty)(state.params, state.ref, objective)
         grads = jax.tree.map(jnp.add, grads, reg_grads)
     # A non-finite loss or gradient must not reach the params or the Adam moments (one NaN there is
-    # permanent). Selecting the old state elementwise fuses into the update itself, so it costs no
-    # extra memory; the trainer's policy (skip and count, or stop) decides what happens next.
+    # permanent). A conditional, not a select of new vs old state: with a select XLA keeps the old
+    # moments alive beside the new ones (+8 bytes/param, measured); under `cond` the update stays in place.
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     finite = jnp.isfinite(total) & jnp.isfinite(reg) & jnp.all(leaf_finite)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-                                     (state.params, state.opt_state))
+
+    def apply(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply, lambda g, o, p: (p, o), grads, state.opt_state, state.params)
     rng, _ = jax.random.split(state.rng)
 
     metrics = {
