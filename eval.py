@@ -73,12 +73,13 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
     from lmadapt.report import classification_rows, evaluate_versions, write_report
 
     if args.hf:
-        from lmadapt.hf import import_hf
+        from lmadapt.hf import open_hf
         from lmadapt.versioning import import_root
 
-        params, model, tokenizer = import_hf(args.hf)  # first: a bad directory leaves no temporary lineage
+        ckpt = open_hf(args.hf)  # first: a bad directory leaves no temporary lineage
+        tokenizer = ckpt.require_tokenizer()
         lineage = Lineage(args.lineage or tempfile.mkdtemp(prefix="lmadapt-eval-"))
-        versions = [import_root(lineage, args.hf, params, model, tokenizer)]
+        versions = [import_root(lineage, args.hf, ckpt.load(), ckpt.config, tokenizer)]
     else:
         lineage = Lineage(args.lineage)
         if args.ancestry:

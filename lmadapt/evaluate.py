@@ -23,8 +23,8 @@ import numpy as np
 from lmadapt.config import DataConfig, ModelConfig, SourceConfig, TokenizerConfig
 from lmadapt.data.pipeline import build_pipeline, split_documents
 from lmadapt.data.sources import read_source
-from lmadapt.model import Transformer
-from lmadapt.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from lmadapt.model import ConfigKey, Transformer
+from lmadapt.tokenizer import Tokenizer
 
 
 def dataset_key(src: SourceConfig, fingerprint: dict[str, Any], tokenizer: Tokenizer, val_fraction: float,
@@ -36,26 +36,15 @@ def dataset_key(src: SourceConfig, fingerprint: dict[str, Any], tokenizer: Token
 
 
 def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id spells (specials 0), so bits per byte needs no re-decoding."""
-    if isinstance(tokenizer, ByteTokenizer):
-        table = np.zeros(tokenizer.vocab_size, np.int64)
-        table[:256] = 1
-        return table
-    assert isinstance(tokenizer, SentencePieceTokenizer)
-    table = np.zeros(tokenizer.vocab_size, np.int64)
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(i)
-        if i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) or (piece.startswith("<") and
-                                                                           piece.endswith(">") and
-                                                                           not piece.startswith("<0x")):
-            continue
-        table[i] = 1 if piece.startswith("<0x") else len(piece.replace("\u2581", " ").encode("utf-8"))
-    return table
+    """UTF-8 bytes of the original text each token id stands for (specials 0), so bits per byte needs no
+    re-decoding: bytes for the byte tokenizer, "▁" as a space and "<0x0A>" as one byte for SentencePiece,
+    the byte-to-unicode map for byte-level BPE tokenizer.json files."""
+    return tokenizer.token_bytes()
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(config_fields: tuple) -> Any:
-    model = Transformer(ModelConfig(*config_fields))
+def _scorer(key: ConfigKey) -> Any:
+    model = Transformer(key.config)
 
     @jax.jit
     def score(params, batch):
@@ -72,7 +61,7 @@ def _scorer(config_fields: tuple) -> Any:
 
 
 def _score_fn(model_cfg: ModelConfig):
-    return _scorer(dataclasses.astuple(dataclasses.replace(model_cfg, scan_layers=False)))
+    return _scorer(ConfigKey(dataclasses.replace(model_cfg, scan_layers=False)))
 
 
 def lm_scores(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, src: SourceConfig, *, seq_len: int,

@@ -1,5 +1,7 @@
-"""A decoder-only transformer in Flax linen: the Llama and GPT-2 families, parameterised exactly as Hugging Face's
-`LlamaForCausalLM` and `GPT2LMHeadModel` so weights convert both ways by renaming and reshaping alone.
+"""A decoder-only transformer in Flax linen for every family of lmadapt/families.py (Llama 3.x, Mistral, Qwen2,
+Qwen3, Gemma 2, GPT-2): one block whose parts are chosen by data (norm kind, MLP kind, biases, q/k norms, sandwich
+norms, sliding windows, softcaps, RoPE scaling), each parameterised exactly as the family's transformers class so
+weights convert both ways by renaming and reshaping alone.
 
     model = Transformer(cfg)
     params = model.init(rng, tokens)["params"]           # boxed: every leaf an nn.Partitioned with logical names
@@ -17,7 +19,7 @@ Decoding uses the linen KV-cache idiom: `decode=True` with a "cache" collection 
 
 from __future__ import annotations
 
-import functools
+import copy
 import math
 from typing import Any
 
@@ -27,6 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lmadapt.config import ModelConfig
+from lmadapt.families import family
+from lmadapt.layers import Projection, attention, normal_init
+from lmadapt.rope import apply_rope
 
 # Logical names of the main activations ([batch, length, ...]); mapped to mesh axes by the config's rules.
 RESIDUAL = ("batch", "activation_length", "activation_embed")
@@ -46,170 +51,71 @@ REMAT_POLICIES = {
 }
 
 
-def _normal(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
-    """x [N, K] @ w [K, M], accumulated in float32 and returned in `out_dtype` (None: x's dtype).
-
-    Its own VJP so the weight gradient is `x^T g` read from the saved input: left to autodiff, XLA's CPU
-    backend transposes the *output gradient* for that dot and fuses the whole residual-stream gradient
-    chain into the transpose, recomputing it once per layer (a fifth of a GPT-2 step on CPU; see
-    docs/performance.md). Same values as the plain einsum (the same three dots autodiff would emit); its
-    effect on GPU/TPU speed is not measured yet.
-    """
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
-
-
-def _dense_fwd(x: jax.Array, w: jax.Array, out_dtype: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return dense(x, w, out_dtype), (x, w)
-
-
-def _dense_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = res
-    g = g.astype(x.dtype)
-    dx = lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-class Projection(nn.Module):
-    """A linear map over the trailing `n_in` axes of its input, with a kernel of exactly `shape` (input axes then
-    output axes, each with its own logical name, so heads and head_dim shard separately) and, optionally, a
-    bias over the output axes. Computed as one 2-D `dense` on flattened axes."""
-
-    shape: tuple[int, ...]
-    n_in: int
-    names: tuple[str, ...]
-    bias_names: tuple[str, ...] | None  # None: no bias
-    std: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    out_dtype: Any = None  # None: the compute dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _normal(self.std, self.names), self.shape, self.param_dtype)
-        in_shape, out_shape = self.shape[:self.n_in], self.shape[self.n_in:]
-        k, m = math.prod(in_shape), math.prod(out_shape)
-        lead = x.shape[:x.ndim - self.n_in]
-        y = dense(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, m).astype(self.dtype), self.out_dtype)
-        y = y.reshape(*lead, *out_shape)
-        if self.bias_names is not None:
-            zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.bias_names)
-            y = y + self.param("bias", zeros, out_shape, self.param_dtype).astype(self.dtype)
-        return y
-
-
 def _proj(cfg: ModelConfig, n_in: int, shape: tuple[int, ...], names: tuple[str, ...],
-          bias_names: tuple[str, ...], *, name: str, std: float | None = None) -> Projection:
-    """A projection of the model: biases in GPT-2 only, init std from the config unless given."""
-    return Projection(shape, n_in, names, bias_names if cfg.family == "gpt2" else None,
-                      cfg.init_std if std is None else std, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                      name=name)
+          bias_names: tuple[str, ...], *, name: str, bias: bool, std: float | None = None) -> Projection:
+    """A projection of the model, with a bias when `bias`; init std from the config unless given."""
+    return Projection(shape, n_in, names, bias_names if bias else None, cfg.init_std if std is None else std,
+                      jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
     # GPT-2 scales the init of projections that write into the residual stream (attn o, mlp down) by
-    # 1/sqrt(2 * n_layers) so the stream's variance does not grow with depth; Llama does not.
-    return cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.family == "gpt2" else cfg.init_std
+    # 1/sqrt(2 * n_layers) so the stream's variance does not grow with depth; the others do not.
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers) if family(cfg.family).scaled_residual_init else cfg.init_std
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama) or LayerNorm with bias (gpt2), its statistics in float32 as Hugging Face computes them."""
+    """The family's norm over the last axis (size `dim`, default d_model), statistics in float32 as transformers
+    computes them: RMSNorm (weight times the normalised input cast back), Gemma's RMSNorm (x * (1 + w), all in
+    float32, the weight initialised at 0) or LayerNorm with a bias (GPT-2)."""
 
     config: ModelConfig
+    dim: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
+        kind = family(cfg.family).norm
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
-        scale = self.param("scale", ones, (cfg.d_model,), param_dtype)
+        dim = self.dim or cfg.d_model
+        init = nn.initializers.zeros_init() if kind == "rms_offset" else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (dim,), param_dtype)
         x32 = x.astype(jnp.float32)
-        if cfg.family == "llama":
-            # HF LlamaRMSNorm: normalise in float32, cast back, then multiply by the weight.
+        if kind != "layer":
             y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
-            return scale.astype(dtype) * y.astype(dtype)
+            if kind == "rms_offset":  # Gemma2RMSNorm: the multiply stays in float32
+                return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+            return scale.astype(dtype) * y.astype(dtype)  # LlamaRMSNorm: cast back, then the weight
         zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",))
-        bias = self.param("bias", zeros, (cfg.d_model,), param_dtype)
+        bias = self.param("bias", zeros, (dim,), param_dtype)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * lax.rsqrt(var + cfg.norm_eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding of x [B, T, heads, D] at integer positions [B, T], HF's non-interleaved convention:
-    dimension i pairs with i + D/2 (`rotate_half`), frequency theta^(-2i/D). Computed in float32."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D], shared by all heads
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Reference attention: softmax(q k^T / sqrt(D), masked) v with scores and softmax in float32.
-
-    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K), as HF's
-    `repeat_kv`); mask [B, 1, T, S] bool, True = may attend. A fully masked row gets a uniform (finite) softmax.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_segment_ids: jax.Array,
-              kv_segment_ids: jax.Array, implementation: str, *, decode: bool = False) -> jax.Array:
-    """Causal, segment-masked attention. q [B, T, H, D] sits at key slots q_index [T]; k, v [B, S, K, D].
-
-    Query t may read key slot s iff s <= q_index[t] and their segment ids match.
-    """
-    same_segment = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
-    if implementation == "cudnn" and not decode:
-        # cuDNN builds the causal mask itself (skipping fully masked tiles); jax turns the boolean segment mask
-        # into an additive bias. cuDNN's causal mask is aligned to slot 0, which only the training layout
-        # (q_index == arange(S)) satisfies, so decoding takes the XLA path below. Needs bf16/fp16 inputs.
-        return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True, implementation="cudnn")
-    causal = jnp.arange(k.shape[1])[None, :] <= q_index[:, None]  # [T, S]
-    mask = same_segment & causal
-    if implementation == "einsum":
-        return einsum_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                         implementation=None if implementation == "auto" else "xla")
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with grouped-query heads; RoPE for llama; an optional KV cache."""
+    """Multi-head self-attention with grouped-query heads, the family's biases, q/k norms and RoPE, an optional
+    sliding window (`window`: None or an int, traced under scan_layers) and an optional KV cache."""
 
     config: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        cfg = self.config
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 window: jax.Array | int | None = None) -> jax.Array:
+        cfg, fam = self.config, family(self.config.family)
         heads, kv_heads, head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         d = cfg.d_model
         q = _proj(cfg, 1, (d, heads, head_dim), ("embed", "heads", "head_dim"), ("heads", "head_dim"),
-                  name="q")(x)
+                  name="q", bias=fam.qkv_bias)(x)
         kv_names, kv_bias_names = ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
-        k = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="k")(x)
-        v = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="v")(x)
-        if cfg.family == "llama":
-            q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        k = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="k", bias=fam.qkv_bias)(x)
+        v = _proj(cfg, 1, (d, kv_heads, head_dim), kv_names, kv_bias_names, name="v", bias=fam.qkv_bias)(x)
+        if fam.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
+            q, k = Norm(cfg, head_dim, name="q_norm")(q), Norm(cfg, head_dim, name="k_norm")(k)
+        if fam.rope:
+            q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
         q = nn.with_logical_constraint(q, QUERY)
         k = nn.with_logical_constraint(k, KEY_VALUE)
         v = nn.with_logical_constraint(v, KEY_VALUE)
@@ -220,10 +126,10 @@ class Attention(nn.Module):
             k, v, kv_segment_ids, start = self._update_cache(k, v, segment_ids)
             q_index = q_index + start
 
-        out = attention(q, k, v, q_index, segment_ids, kv_segment_ids, cfg.attention, decode=self.decode)
+        out = attention(q, k, v, q_index, segment_ids, kv_segment_ids, cfg, window, decode=self.decode)
         out = nn.with_logical_constraint(out, QUERY)
         return _proj(cfg, 2, (heads, head_dim, d), ("heads", "head_dim", "embed"), ("embed",),
-                     std=_residual_std(cfg), name="o")(out)
+                     std=_residual_std(cfg), name="o", bias=fam.out_bias)(out)
 
     def _update_cache(self, k: jax.Array, v: jax.Array,
                       segment_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | int]:
@@ -254,38 +160,52 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Llama: down(silu(gate(x)) * up(x)). GPT-2: down(gelu_tanh(up(x))) with biases."""
+    """swiglu: down(silu(gate(x)) * up(x)); geglu (Gemma): down(gelu_tanh(gate(x)) * up(x));
+    gelu (GPT-2): down(gelu_tanh(up(x))), with biases where the family has them."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
+        cfg, fam = self.config, family(self.config.family)
         shape_in, shape_out = (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)
-        up = _proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="up")(x)
-        if cfg.family == "llama":
-            hidden = nn.silu(_proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="gate")(x)) * up
-        else:
+        up = _proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="up", bias=fam.out_bias)(x)
+        if fam.mlp == "gelu":
             hidden = jax.nn.gelu(up, approximate=True)  # HF "gelu_new"
+        else:
+            gate = _proj(cfg, 1, shape_in, ("embed", "mlp"), ("mlp",), name="gate", bias=fam.out_bias)(x)
+            # HF "gelu_pytorch_tanh" is the tanh approximation, like "gelu_new".
+            hidden = (nn.silu(gate) if fam.mlp == "swiglu" else jax.nn.gelu(gate, approximate=True)) * up
         hidden = nn.with_logical_constraint(hidden, MLP_HIDDEN)
         return _proj(cfg, 1, shape_out, ("mlp", "embed"), ("embed",), std=_residual_std(cfg),
-                     name="down")(hidden)
+                     name="down", bias=fam.out_bias)(hidden)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)); with the family's sandwich norms
+    (Gemma 2) each branch is normalised again before it is added."""
 
     config: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, None]:
-        cfg = self.config
-        x = x + Attention(cfg, self.decode, name="attn")(Norm(cfg, name="attn_norm")(x), positions, segment_ids)
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 window: jax.Array | int | None = None) -> tuple[jax.Array, None]:
+        cfg, post = self.config, family(self.config.family).post_norms
+        h = Attention(cfg, self.decode, name="attn")(Norm(cfg, name="attn_norm")(x), positions, segment_ids, window)
+        x = x + (Norm(cfg, name="post_attn_norm")(h) if post else h)
         x = nn.with_logical_constraint(x, RESIDUAL)
-        x = x + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        x = x + (Norm(cfg, name="post_mlp_norm")(h) if post else h)
         x = nn.with_logical_constraint(x, RESIDUAL)
         return x, None  # (carry, per-layer output): the signature nn.scan expects
+
+
+def _windows(cfg: ModelConfig) -> list[int] | None:
+    """Each layer's sliding window, a full layer's as a window longer than any row (None: no layer has one)."""
+    if cfg.sliding_window is None:
+        return None
+    return [cfg.layer_window(i) or cfg.max_seq_len + 1 for i in range(cfg.n_layers)]
 
 
 class Transformer(nn.Module):
@@ -316,28 +236,35 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_normal(cfg.init_std, ("vocab", "embed")),
+        fam = family(cfg.family)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
                          dtype=dtype, param_dtype=param_dtype, name="embed")
         x = embed(tokens)
-        if cfg.family == "gpt2":
-            x = x + nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=_normal(cfg.init_std, ("position", "embed")),
-                             dtype=dtype, param_dtype=param_dtype, name="pos_embed")(positions)
+        if fam.embed_scale:  # Gemma: the normaliser is rounded to the compute dtype first, as in transformers
+            x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+        if not fam.rope:
+            init = normal_init(cfg.init_std, ("position", "embed"))
+            x = x + nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init, dtype=dtype, param_dtype=param_dtype,
+                             name="pos_embed")(positions)
         x = nn.with_logical_constraint(x, RESIDUAL)
 
         block = Block
         if cfg.remat != "none":
             # Under scan the loop boundary already stops XLA from merging recomputation with the forward pass.
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        windows = _windows(cfg)
         if cfg.scan_layers:
             # One block traced once, its params and cache stacked on a leading "layers" axis: compile time
-            # independent of depth.
+            # independent of depth. Per-layer windows (Gemma 2 alternates) enter as a scanned input.
             block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                            metadata_params=_LAYER_AXIS)
-            x, _ = block(cfg, decode, name="layers")(x, positions, segment_ids)
+                            in_axes=(nn.broadcast, nn.broadcast, 0 if windows else nn.broadcast),
+                            length=cfg.n_layers, metadata_params=_LAYER_AXIS)
+            layer_windows = jnp.asarray(windows, jnp.int32) if windows else None
+            x, _ = block(cfg, decode, name="layers")(x, positions, segment_ids, layer_windows)
         else:
             for i in range(cfg.n_layers):
-                x, _ = block(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids)
+                x, _ = block(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids,
+                                                                windows[i] if windows else None)
         x = Norm(cfg, name="final_norm")(x)
 
         # Logits accumulate and come out in float32 from compute-dtype inputs: exact enough for the loss,
@@ -347,12 +274,29 @@ class Transformer(nn.Module):
         else:
             logits = Projection((cfg.d_model, cfg.vocab_size), 1, ("embed", "vocab"), None, cfg.init_std, dtype,
                                 param_dtype, out_dtype=jnp.float32, name="lm_head")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), LOGITS)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_softcap is not None:  # Gemma 2
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+        return nn.with_logical_constraint(logits, LOGITS)
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers on parameter trees
 # --------------------------------------------------------------------------------------------------
+
+
+class ConfigKey:
+    """ModelConfig is a mutable (so unhashable) dataclass tree, which jit cannot take as a static argument: key
+    the compiled function on its repr (every field, nested ones included) and keep a copy of the config."""
+
+    def __init__(self, config: ModelConfig):
+        self.config, self._repr = copy.deepcopy(config), repr(config)
+
+    def __hash__(self) -> int:
+        return hash(self._repr)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConfigKey) and other._repr == self._repr
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:

@@ -1,165 +1,94 @@
-"""Tokenizers: SentencePiece models (trained here or loaded from any `.model` file) and raw bytes.
+"""Tokenizers: one interface over raw bytes, SentencePiece models and Hugging Face `tokenizer.json` files.
 
-A tokenizer is identified by the bytes of its model file (`fingerprint`), which key the token cache
-and travel with every checkpoint and model version as `tokenizer.model`, so a version is self-contained.
+Kinds (each in its own module, all importable from here):
+  bytes          `ByteTokenizer`: UTF-8 bytes, no model (lmadapt.tokenizer_base)
+  sentencepiece  `SentencePieceTokenizer`: any `.model` file; `train_sentencepiece` trains a lossless one
+                 (lmadapt.tokenizer_spm)
+  hf             `HFTokenizer`: any `tokenizer.json` with its tokenizer_config.json, encoding as transformers'
+                 AutoTokenizer; `train_bpe` trains the lossless byte-level BPE the bundled configs use
+                 (lmadapt.tokenizer_hf)
+A tokenizer is identified by its `fingerprint` (a hash of its model file), which keys the token cache; it
+travels with every checkpoint and model version as the files `save` writes, so a version is self-contained.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import os
-from collections.abc import Iterable, Sequence
 
-import numpy as np
-import sentencepiece as spm
+from lmadapt.tokenizer_base import (
+    BYTES_FILE,
+    EXPORT_SOURCE_FILE,
+    HF_CONFIG_FILE,
+    HF_TOKENIZER_FILE,
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    Tokenizer,
+    TokenizerError,
+)
+from lmadapt.tokenizer_export import save_hf_tokenizer
+from lmadapt.tokenizer_hf import HFTokenizer, load_hf_tokenizer, pick_chat_template, read_tokenizer_config, train_bpe
+from lmadapt.tokenizer_spm import SentencePieceTokenizer, train_sentencepiece
 
-TOKENIZER_FILE = "tokenizer.model"
-BYTES_FILE = "tokenizer.bytes"  # marker file: the byte tokenizer needs no model
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded or trained; the message names the file or setting."""
-
-
-class Tokenizer:
-    """Common interface: `encode` texts to id lists, `decode` ids to text, special ids, a fingerprint."""
-
-    vocab_size: int
-    bos_id: int  # -1 when the tokenizer has no such token
-    eos_id: int
-    pad_id: int
-    fingerprint: str
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
-
-    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        raise NotImplementedError
-
-    def save(self, directory: str) -> str:
-        """Write the tokenizer into `directory`; return the file written."""
-        raise NotImplementedError
-
-    def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of whole documents: bos (if any) + text + eos, as int32 arrays."""
-        head = [self.bos_id] if self.bos_id >= 0 else []
-        return [np.asarray(head + ids + [self.eos_id], np.int32) for ids in self.encode(texts)]
+__all__ = ["BYTES_FILE", "HF_CONFIG_FILE", "HF_TOKENIZER_FILE", "TOKENIZER_FILE", "ByteTokenizer", "HFTokenizer",
+           "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "load_hf_directory_tokenizer",
+           "load_hf_tokenizer", "load_tokenizer", "save_hf_tokenizer", "train_bpe", "train_sentencepiece"]
 
 
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes 0..255, then bos=256, eos=257, pad=258: no training, any text, tiny vocabulary."""
+def load_hf_directory_tokenizer(directory: str) -> Tokenizer | None:
+    """The tokenizer a directory carries (a Hugging Face checkpoint, a run, a model version), or None.
 
-    vocab_size = 259
-    bos_id, eos_id, pad_id = 256, 257, 258
-    fingerprint = "bytes-v1"
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return [bytes(i for i in row if 0 <= i < 256).decode("utf-8", errors="replace") for row in ids]
-
-    def save(self, directory: str) -> str:
-        path = os.path.join(directory, BYTES_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.fingerprint + "\n")
-        return path
-
-
-class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model held as its serialized bytes (BPE or unigram; Llama, Gemma and T5 files load)."""
-
-    def __init__(self, model_proto: bytes, origin: str = "<bytes>"):
-        self._proto = model_proto
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.LoadFromSerializedProto(model_proto)
-        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError with a C++ message
-            raise TokenizerError(f"{origin}: not a SentencePiece model ({e})") from None
-        self.vocab_size = self._sp.get_piece_size()
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
-        if self.eos_id < 0:
-            raise TokenizerError(f"{origin}: the SentencePiece model has no eos token; documents need one")
-        pad = self._sp.pad_id()
-        self.pad_id = pad if pad >= 0 else self.eos_id  # padding is masked out of the loss anyway
-        self.fingerprint = "spm-" + hashlib.sha256(model_proto).hexdigest()[:32]
-
-    @classmethod
-    def load(cls, path: str) -> SentencePieceTokenizer:
-        if not os.path.isfile(path):
-            raise TokenizerError(f"tokenizer file {path!r} not found")
-        with open(path, "rb") as f:
-            return cls(f.read(), origin=path)
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int)
-
-    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return self._sp.decode([[int(i) for i in row] for row in ids])
-
-    def id_to_piece(self, i: int) -> str:
-        return self._sp.id_to_piece(i)
-
-    def piece_to_id(self, piece: str) -> int:
-        return self._sp.piece_to_id(piece)
-
-    @property
-    def model_proto(self) -> bytes:
-        return self._proto
-
-    def save(self, directory: str) -> str:
-        path = os.path.join(directory, TOKENIZER_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(self._proto)
-        os.replace(tmp, path)
-        return path
-
-
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        byte_fallback: bool = True, user_defined_symbols: Sequence[str] = (),
-                        character_coverage: float = 0.9995, max_sentence_length: int = 16384,
-                        input_sentence_size: int = 2_000_000, seed_sentencepiece_size: int = 1_000_000,
-                        num_threads: int = 2) -> SentencePieceTokenizer:
-    """Train a SentencePiece model in memory from texts (one "sentence" per line of each text).
-
-    Ids: 0 pad, 1 unk, 2 bos, 3 eos, then user-defined symbols, then the learned pieces; byte
-    fallback (on by default) makes every string encodable without unk.
+    tokenizer.json wins over tokenizer.model when both are present (as transformers' fast tokenizers do), except
+    in lmadapt's own exports, where an unchanged tokenizer.json gives back the tokenizer it was made from;
+    a SentencePiece model takes its chat template from tokenizer_config.json; tokenizer.bytes is lmadapt's
+    byte tokenizer. Files that are present but unusable raise TokenizerError naming them.
     """
-    if model_type not in ("bpe", "unigram"):
-        raise TokenizerError(f"tokenizer.model_type {model_type!r}: expected 'bpe' or 'unigram'")
+    if os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
+        return _exported_from(directory) or load_hf_tokenizer(directory)
+    if os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
+        return _sentencepiece(directory)
+    if os.path.isfile(os.path.join(directory, BYTES_FILE)):
+        return ByteTokenizer()
+    return None
 
-    def lines():
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line[:max_sentence_length]
 
-    out = io.BytesIO()
-    spm.set_random_generator_seed(0)  # the same texts give the same model bytes (and cache keys)
+def _exported_from(directory: str) -> Tokenizer | None:
+    """The lmadapt tokenizer an export's tokenizer.json was made from, if it is there and the file is unchanged."""
+    record_path = os.path.join(directory, EXPORT_SOURCE_FILE)
+    if not os.path.isfile(record_path):
+        return None
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_writer=out, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=byte_fallback, user_defined_symbols=list(user_defined_symbols),
-            character_coverage=character_coverage, max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            seed_sentencepiece_size=seed_sentencepiece_size, num_threads=num_threads,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=True, minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise TokenizerError(f"training a {model_type} tokenizer with vocab_size={vocab_size} failed: {e}") from None
-    return SentencePieceTokenizer(out.getvalue(), origin="<trained>")
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        with open(os.path.join(directory, HF_TOKENIZER_FILE), "rb") as f:
+            unchanged = hashlib.sha256(f.read()).hexdigest() == record["tokenizer_json_sha256"]
+        source = record["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not ours after all: tokenizer.json is the tokenizer
+    if not unchanged or source not in (TOKENIZER_FILE, BYTES_FILE):
+        return None
+    if not os.path.isfile(os.path.join(directory, source)):
+        return None
+    return ByteTokenizer() if source == BYTES_FILE else _sentencepiece(directory)
+
+
+def _sentencepiece(directory: str) -> SentencePieceTokenizer:
+    """tokenizer.model of `directory`, with the chat template of the tokenizer_config.json beside it."""
+    tok = SentencePieceTokenizer.load(os.path.join(directory, TOKENIZER_FILE))
+    tok.chat_template = pick_chat_template(read_tokenizer_config(directory).get("chat_template"))
+    return tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load `path`: a `.model` file, a directory holding `tokenizer.model`/`tokenizer.bytes`, or "bytes"."""
+    """Load `path`: "bytes", a `.model` or `tokenizer.json` file, or a directory holding one (or tokenizer.bytes)."""
     if path == "bytes":
         return ByteTokenizer()
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
-            return SentencePieceTokenizer.load(os.path.join(path, TOKENIZER_FILE))
-        if os.path.isfile(os.path.join(path, BYTES_FILE)):
-            return ByteTokenizer()
-        raise TokenizerError(f"directory {path!r} holds no {TOKENIZER_FILE} or {BYTES_FILE}")
+        tok = load_hf_directory_tokenizer(path)
+        if tok is None:
+            raise TokenizerError(f"directory {path!r} holds no {HF_TOKENIZER_FILE}, {TOKENIZER_FILE} or {BYTES_FILE}")
+        return tok
+    if path.endswith(".json"):
+        return load_hf_tokenizer(path)
     return SentencePieceTokenizer.load(path)

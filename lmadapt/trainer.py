@@ -28,7 +28,7 @@ from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
 from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule, param_paths
-from lmadapt.tokenizer import BYTES_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
+from lmadapt.tokenizer import Tokenizer, TokenizerError, load_hf_directory_tokenizer
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
 from lmadapt.versioning import publish_run, resolve_origin
 
@@ -198,8 +198,7 @@ def dry_run(cfg: Config) -> str:
 
 def run_tokenizer(run_dir: str) -> Tokenizer | None:
     """The tokenizer a run saved (a resumed run keeps it, whatever the cache or sources say now)."""
-    has = any(os.path.isfile(os.path.join(run_dir, f)) for f in (TOKENIZER_FILE, BYTES_FILE))
-    return load_tokenizer(run_dir) if has else None
+    return load_hf_directory_tokenizer(run_dir) if os.path.isdir(run_dir) else None
 
 
 def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,

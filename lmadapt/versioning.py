@@ -19,8 +19,7 @@ import jax
 
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.lineage import Lineage, LineageError, params_hash
-from lmadapt.model import stack_layers
-from lmadapt.tokenizer import Tokenizer
+from lmadapt.tokenizer import Tokenizer, TokenizerError
 
 # Model options a run may change when it starts from a version: they do not change the function.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention")
@@ -104,26 +103,57 @@ def resolve_origin(cfg: Config, *, write: bool = True) -> Origin:
         return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}", lineage,
                       _teacher_cfg(cfg, lineage))
     if cfg.init.from_hf:
-        from lmadapt.hf import HFError, import_hf  # only when used: keeps start-up light
+        return _origin_from_hf(cfg, lineage, write)
+    return Origin(cfg, None, [], None, "fresh initialisation", lineage, _teacher_cfg(cfg, lineage))
 
+
+def _origin_from_hf(cfg: Config, lineage: Lineage | None, write: bool) -> Origin:
+    """Start from a Hugging Face directory: validated up front (nothing is written for a bad one), published as
+    a root version when there is a lineage, and streamed onto the run's shardings by `load_params`."""
+    from lmadapt.hf import HFError, open_hf  # only when used: keeps start-up light
+
+    hf_dir = cfg.init.from_hf
+    try:
+        ckpt = open_hf(hf_dir)
+        tokenizer, root_tokenizer = _hf_tokenizers(cfg, ckpt)
+    except (HFError, OSError) as e:
+        raise ConfigError(f"init.from_hf: {e}") from None
+    model = adopt_architecture(cfg.model, ckpt.config)  # the run's param_dtype: load casts to it
+    _check_seq_len(cfg, model, f"the Hugging Face model in {hf_dir}")
+    cfg = dataclasses.replace(cfg, model=model)
+    parents = []
+    if lineage is not None and write:
+        # The root version is the checkpoint as stored (its dtype, per-layer layout): one host copy, then freed.
+        parents = [import_root(lineage, hf_dir, ckpt.load(), ckpt.config, root_tokenizer)]
+
+    def load_hf(target: Any) -> Any:
         try:
-            params, hf_model, tokenizer = import_hf(cfg.init.from_hf)
+            return ckpt.load(target)
         except (HFError, OSError) as e:
             raise ConfigError(f"init.from_hf: {e}") from None
-        model = adopt_architecture(cfg.model, hf_model)
-        _check_seq_len(cfg, model, f"the Hugging Face model in {cfg.init.from_hf}")
-        cfg = dataclasses.replace(cfg, model=model)
-        parents = []
-        if lineage is not None and write:
-            parents = [import_root(lineage, cfg.init.from_hf, params, hf_model, tokenizer)]
 
-        def load_hf(target: Any) -> Any:
-            tree = stack_layers(params) if model.scan_layers else params
-            return jax.device_put(tree, jax.tree.map(lambda t: t.sharding, target))
+    return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {hf_dir}", lineage,
+                  _teacher_cfg(cfg, lineage))
 
-        return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {cfg.init.from_hf}", lineage,
-                      _teacher_cfg(cfg, lineage))
-    return Origin(cfg, None, [], None, "fresh initialisation", lineage, _teacher_cfg(cfg, lineage))
+
+def _hf_tokenizers(cfg: Config, ckpt: Any) -> tuple[Tokenizer | None, Tokenizer]:
+    """(the run's tokenizer override, the root version's tokenizer). The checkpoint's own tokenizer, unless
+    tokenizer.path names one explicitly (that one wins for the run). A checkpoint without a tokenizer needs
+    tokenizer.path: the bytes default (or a freshly trained tokenizer) would not match its embeddings."""
+    if cfg.tokenizer.path is not None:
+        from lmadapt.data.pipeline import resolve_tokenizer
+
+        try:
+            explicit = resolve_tokenizer(cfg.tokenizer, {}, None)
+        except TokenizerError as e:
+            raise ConfigError(f"tokenizer.path: {e}") from None
+        return None, ckpt.tokenizer or explicit
+    if ckpt.tokenizer is None:
+        from lmadapt.hf import HFError
+
+        raise HFError(f"{ckpt.directory}: no usable tokenizer (tokenizer.json, tokenizer.model or tokenizer.bytes); "
+                      f"copy the checkpoint's tokenizer files into it or set tokenizer.path")
+    return ckpt.tokenizer, ckpt.tokenizer
 
 
 def _check_seq_len(cfg: Config, model: ModelConfig, what: str) -> None:
@@ -166,11 +196,9 @@ def _with_lineage_replay(cfg: Config, parent: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, replay=replay))
 
 
-def import_root(lineage: Lineage, hf_dir: str, params: Any, model: ModelConfig, tokenizer: Tokenizer | None,
+def import_root(lineage: Lineage, hf_dir: str, params: Any, model: ModelConfig, tokenizer: Tokenizer,
                 version_id: str | None = None) -> str:
     """Publish imported weights as a root version (or find the one already imported); return its id."""
-    from lmadapt.tokenizer import ByteTokenizer
-
     digest = params_hash(params)
     name = "".join(c if c.isalnum() or c in "_-." else "-" for c in os.path.basename(os.path.abspath(hf_dir)))
     vid = version_id or f"hf-{name[:80]}-{digest[7:15]}"
@@ -178,7 +206,7 @@ def import_root(lineage: Lineage, hf_dir: str, params: Any, model: ModelConfig, 
         if lineage.record(vid)["params_hash"] != digest:
             raise ConfigError(f"version {vid!r} exists in {lineage.directory} with other weights")
         return vid
-    lineage.publish(vid, params, model, tokenizer or ByteTokenizer(), parents=[],
+    lineage.publish(vid, params, model, tokenizer, parents=[],
                     note=f"imported from Hugging Face directory {os.path.abspath(hf_dir)}",
                     extra={"source": {"kind": "hf", "path": os.path.abspath(hf_dir)}})
     return vid

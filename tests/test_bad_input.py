@@ -619,6 +619,123 @@ def test_hf_truncated_or_foreign_weights_file(scratch, hf_dir, cut, garbage):
         assert_hf_refused(d, path, weights)
 
 
+def write_raw_safetensors(path: str, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    """A safetensors file of any dtype code (numpy has no fp8): name -> (code, shape, raw bytes)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (code, shape, blob) in tensors.items():
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blob for _, _, blob in tensors.values()))
+
+
+def edit_config(path: str, **changes) -> None:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, **changes}, f)
+
+
+def reshard(path: str, state: dict, shards: dict[str, list[str]], weight_map: dict | None = None) -> None:
+    """Replace model.safetensors by `shards` (file -> tensor names) and an index (default: what they hold)."""
+    os.remove(os.path.join(path, "model.safetensors"))
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, os.path.join(path, shard), metadata={"format": "pt"})
+    if weight_map is None:
+        weight_map = {k: shard for shard, names in shards.items() for k in names}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _bad_hf_dir(hf_dir: str, d: str, case: str) -> tuple[str, list[str]]:
+    """A copy of the tiny HF directory broken as `case` says; (its path, what the error must name)."""
+    path = os.path.join(d, "hf")
+    shutil.copytree(hf_dir, path)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    if case == "model_type":
+        edit_config(path, model_type="mixtral", architectures=["MixtralForCausalLM"])
+        return path, ["config.json", "model_type 'mixtral' is not supported"]
+    if case == "option":
+        edit_config(path, rope_scaling={"rope_type": "longrope", "factor": 4.0})
+        return path, ["config.json", "rope_scaling.rope_type='longrope' is not supported"]
+    if case == "quantized":
+        edit_config(path, quantization_config={"quant_method": "gptq", "bits": 4})
+        return path, ["config.json", "quantization_config", "quantized"]
+    if case == "tokenizer_vocab":
+        from lmadapt.tokenizer import save_hf_tokenizer, train_bpe
+
+        os.remove(os.path.join(path, "tokenizer.bytes"))
+        for name in os.listdir(path):
+            if name.startswith(("tokenizer", "special_tokens")) or name.endswith(".json") and "export" in name:
+                os.remove(os.path.join(path, name))
+        tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 40], 300)
+        save_hf_tokenizer(tok, path)
+        return path, [f"the tokenizer has {tok.vocab_size} tokens", "vocab_size=260"]
+    if case == "missing_shard":
+        reshard(path, state, halves)
+        os.remove(os.path.join(path, "model-00002-of-00002.safetensors"))
+        return path, ["model.safetensors.index.json", "shard 'model-00002-of-00002.safetensors' is not a file"]
+    if case == "index_names_missing_tensor":
+        reshard(path, state, halves, {**{k: s for s, ks in halves.items() for k in ks},
+                                      "model.layers.0.mlp.extra.weight": "model-00001-of-00002.safetensors"})
+        return path, ["model.safetensors.index.json", "model.layers.0.mlp.extra.weight listed but not in any shard"]
+    if case == "shard_with_path":
+        reshard(path, state, {"model-00001-of-00001.safetensors": names},
+                {k: "../model-00001-of-00001.safetensors" for k in names})
+        return path, ["shard name '../model-00001-of-00001.safetensors' is not a plain file name"]
+    if case == "duplicate":
+        shards = {"model-00001-of-00002.safetensors": names, "model-00002-of-00002.safetensors": names[:1]}
+        reshard(path, state, shards, {k: "model-00001-of-00002.safetensors" for k in names}
+                | {names[0]: "model-00002-of-00002.safetensors"})
+        return path, [f"tensor {names[0]} is stored twice"]
+    code = case  # a quantized dtype: one tensor stored as I8 / U8 / F8_*
+    name = "model.layers.0.mlp.up_proj.weight"
+    raw = {k: ("F32", v.shape, v.astype(np.float32).tobytes()) for k, v in state.items()}
+    raw[name] = (code, state[name].shape, np.zeros(state[name].size, np.uint8).tobytes())
+    os.remove(os.path.join(path, "model.safetensors"))
+    write_raw_safetensors(os.path.join(path, "model.safetensors"), raw)
+    return path, ["model.safetensors", f"tensor {name} has dtype {code}"]
+
+
+@pytest.mark.parametrize("case", ["model_type", "option", "quantized", "tokenizer_vocab", "missing_shard",
+                                  "index_names_missing_tensor", "shard_with_path", "duplicate", "I8", "U8",
+                                  "F8_E4M3", "F8_E5M2"])
+def test_hf_directory_refused_by_name_before_anything_is_written(tmp_path, hf_dir, case):
+    """Unsupported architectures and options, a tokenizer bigger than the vocabulary, broken shard sets and
+    quantized tensors: one line from import_hf, train.py and tools/lineage.py import-hf, and no lineage."""
+    d = str(tmp_path)
+    path, needles = _bad_hf_dir(hf_dir, d, case)
+    assert_hf_refused(d, path, *needles)
+
+
+def test_hf_directory_without_a_tokenizer(tmp_path, hf_dir):
+    """No tokenizer: import-hf and a run on the bytes default refuse naming the directory (a 128k-vocab model
+    with a byte tokenizer is a silent wrong result); an explicit tokenizer.path is used instead."""
+    d = str(tmp_path)
+    path = os.path.join(d, "hf")
+    shutil.copytree(hf_dir, path)
+    for name in os.listdir(path):
+        if name not in ("config.json", "model.safetensors", "generation_config.json"):
+            os.remove(os.path.join(path, name))
+    lin = os.path.join(d, "lineage")
+    refused(lineage_tool.main, ["--dir", lin, "import-hf", path], [d], path, "no usable tokenizer")
+    refused(train.main, base_args(d, f"init.from_hf={path}", f"lineage.dir={lin}"), [d], "init.from_hf", path,
+            "no usable tokenizer", "tokenizer.path")
+    assert not os.path.exists(lin)
+    from lmadapt.tokenizer import save_hf_tokenizer, train_bpe
+
+    tok_dir = os.path.join(d, "tok")
+    os.mkdir(tok_dir)
+    save_hf_tokenizer(train_bpe(["an explicit tokenizer " * 20], 260), tok_dir)
+    rc, err = call(train.main, ["--dry-run", *base_args(d, f"init.from_hf={path}", "train.seq_len=32",
+                                                        "tokenizer.kind=hf", f"tokenizer.path={tok_dir}")])
+    assert rc == 0, err
+
+
 def test_seq_len_over_an_imported_models_maximum(tmp_path, hf_dir):
     d = str(tmp_path)  # the HF model says max_position_embeddings=32; tiny.yaml trains rows of 64
     refused(train.main, ["--dry-run", *base_args(d, f"init.from_hf={hf_dir}")], [d, hf_dir], "train.seq_len")

@@ -46,7 +46,8 @@ def test_source_list_and_indexed_overrides(tmp_path):
         ("", ["model.widht=3"], "unknown key 'model.widht'"),
         ("train:\n  steps: many\n", [], "key 'train.steps' has value 'many'; expected int"),
         ("train:\n  steps: true\n", [], "key 'train.steps' has value True; expected int"),
-        ("model:\n  family: bert\n", [], "key 'model.family' has value 'bert'; expected one of 'llama', 'gpt2'"),
+        ("model:\n  family: bert\n", [],
+         "key 'model.family' has value 'bert'; expected one of 'llama', 'mistral', 'qwen2', 'qwen3', 'gemma2', 'gpt2'"),
         ("train:\n  batch_size: 0\n", [], "'train.batch_size' has value 0; expected a positive integer"),
         ("train:\n  seq_len: 4096\n", [], "at most model.max_seq_len=256"),
         ("model:\n  n_heads: 4\n  n_kv_heads: 3\n", [], "a divisor of model.n_heads=4"),
@@ -93,3 +94,38 @@ def test_train_py_config_errors_exit_nonzero_with_one_line(args, needle):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and needle in lines[0]
+
+
+# Parameter counts published for the real checkpoints these files are shaped like.
+PUBLISHED_PARAMS = {"llama3.2-1b": 1_235_814_400, "smollm2-135m": 134_515_008, "qwen2.5-0.5b": 494_032_768,
+                    "qwen3-0.6b": 596_049_920, "gemma2-2b": 2_614_341_888, "mistral-7b": 7_241_732_096}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_PARAMS)
+def test_model_configs_shaped_like_real_checkpoints(name):
+    import flax.linen as nn
+    import jax
+
+    from lmadapt.model import count_params, init_params
+
+    cfg = load_config(os.path.join(ROOT, "configs", "model", f"{name}.yaml"), ["train.seq_len=256"])
+    shapes = jax.eval_shape(lambda: nn.unbox(init_params(cfg.model, jax.random.key(0))))
+    assert count_params(shapes) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.sliding_window=8"], "key 'model.sliding_window' has value 8; expected null for the llama family"),
+        (["model.family=qwen3", "model.attn_softcap=30"], "key 'model.attn_softcap' has value 30.0; expected null"),
+        (["model.family=gpt2", "model.tie_embeddings=true", "model.rope_scaling.type=linear"],
+         "key 'model.rope_scaling.type' has value 'linear'; expected 'default' for the gpt2 family"),
+        (["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4"],
+         "key 'model.rope_scaling.high_freq_factor' has value 4.0; expected above"),
+        (["model.family=mistral", "model.sliding_window=0"], "key 'model.sliding_window' has value 0"),
+    ],
+)
+def test_family_options_a_family_lacks_are_refused(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)

@@ -12,10 +12,10 @@ import optax
 import pytest
 
 from lmadapt.config import DEFAULT_RULES, ModelConfig
+from lmadapt.layers import einsum_attention
 from lmadapt.model import (
     Transformer,
     count_params,
-    einsum_attention,
     init_cache,
     init_params,
     stack_layers,
@@ -107,7 +107,8 @@ def test_einsum_attention_matches_dot_product_attention(family):
 
 @jax.jit
 def _attention_pair(q, k, v, mask):
-    return einsum_attention(q, k, v, mask), jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    reference = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return einsum_attention(q, k, v, mask, q.shape[-1] ** -0.5), reference
 
 
 def test_einsum_attention_direct():

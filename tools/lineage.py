@@ -6,6 +6,7 @@
     python tools/lineage.py --dir LINEAGE diff A B
     python tools/lineage.py --dir LINEAGE verify [ID ...]          # exit 1 if anything was tampered with
     python tools/lineage.py --dir LINEAGE export ID --out DIR [--format hf|safetensors] [--dtype bfloat16]
+                                                   [--max-shard-bytes N]
     python tools/lineage.py --dir LINEAGE import-hf HF_DIR [--id ID]
     python tools/lineage.py --dir LINEAGE merge A B [C ...] --id NEW [--weights 0.5 0.3 0.2]   # model soup
     python tools/lineage.py --dir LINEAGE interpolate A [B] --alpha 0.5 --id NEW   # WiSE-FT; B = A's parent
@@ -165,7 +166,7 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
     else:
         # Params were loaded in the unstacked layout, whatever the version was trained with.
         hf.export_hf(args.out, params, dataclasses.replace(model, scan_layers=False),
-                     tokenizer=lineage.tokenizer(args.id), dtype=args.dtype)
+                     tokenizer=lineage.tokenizer(args.id), dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
     print(f"exported {args.id} to {args.out} ({args.format}, {args.dtype})")
     return 0
 
@@ -200,13 +201,14 @@ def cmd_merge(lineage: Lineage, args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(lineage: Lineage, args: argparse.Namespace) -> int:
-    from lmadapt.hf import import_hf
+    from lmadapt.hf import open_hf
     from lmadapt.versioning import import_root
 
     if args.id is not None:
         check_version_id(args.id)  # before the import's work, and so that --id "" is not taken as no id
-    params, model, tokenizer = import_hf(args.hf_dir)
-    vid = import_root(lineage, args.hf_dir, params, model, tokenizer, version_id=args.id)
+    ckpt = open_hf(args.hf_dir)  # validates config, tensor headers and tokenizer before anything is written
+    tokenizer = ckpt.require_tokenizer()
+    vid = import_root(lineage, args.hf_dir, ckpt.load(), ckpt.config, tokenizer, version_id=args.id)
     print(f"imported {args.hf_dir} as version {vid}")
     return 0
 
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["hf", "safetensors"], default="hf")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9,
+                   help="hf format: split the weights into files of at most this size, with an index (default 5e9)")
     p = sub.add_parser("merge", help="average versions into a new one (model soup)")
     p.add_argument("versions", nargs="+")
     p.add_argument("--id", required=True)

@@ -17,10 +17,30 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    """A decoder-only transformer. `family` picks the block layout; sizes follow Hugging Face names."""
+class RopeScalingConfig:
+    """RoPE frequency scaling, as transformers' `rope_scaling` / `rope_parameters` (Llama 3.x, long-context
+    checkpoints). `default`: none; `linear`: positions / factor; `dynamic`: NTK base growth past
+    `original_max_len`; `llama3`: per-band frequency scaling; `yarn`: NTK-by-parts with an attention factor."""
 
-    family: Literal["llama", "gpt2"] = "llama"
+    type: Literal["default", "linear", "dynamic", "llama3", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_len: int | None = None  # original_max_position_embeddings (None: model.max_seq_len)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: None derives it from factor (and mscale)
+    mscale: float | None = None  # yarn (DeepSeek-style)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. `family` picks the block layout (lmadapt/families.py); sizes and the
+    per-checkpoint options follow Hugging Face names."""
+
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"] = "llama"
     vocab_size: int = 320  # room for the default byte tokenizer (259)
     d_model: int = 64
     n_layers: int = 2
@@ -29,9 +49,19 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     d_ff: int = 256  # Llama: intermediate_size; GPT-2: n_inner (4 * d_model)
     max_seq_len: int = 256
-    rope_theta: float = 10000.0  # Llama only
+    rope_theta: float = 10000.0  # families with RoPE
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # GPT-2 always ties (validated)
+    # Sliding-window attention (mistral, gemma2): a query sees the `sliding_window` newest keys, itself
+    # included. null: full attention everywhere.
+    sliding_window: int | None = None
+    # With a window: 0 = every layer local (Mistral); N = every Nth layer (i % N == N - 1) global, the
+    # others local (Gemma 2: 2, layer 0 local).
+    global_layer_every: int = 0
+    attn_softcap: float | None = None  # gemma2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # gemma2: logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # gemma2: scores scaled by this ** -0.5 (null: head_dim)
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (mixed precision)
@@ -46,6 +76,13 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i (None: full attention)."""
+        if self.sliding_window is None:
+            return None
+        n = self.global_layer_every
+        return None if n and i % n == n - 1 else self.sliding_window
 
 
 # Logical axis name -> mesh axes. Kept as data (MaxText style): a user re-shards by editing YAML.
@@ -104,10 +141,16 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 @dataclass
 class TokenizerConfig:
-    """`bytes` (no training, vocab 259) or a SentencePiece model: `path` to any `.model` file, or null to
-    train one (`vocab_size`, `model_type`) on the run's training sources, cached by their fingerprints."""
+    """The run's tokenizer (a run started from a model version or HF checkpoint keeps that one's instead).
 
-    kind: Literal["bytes", "sentencepiece"] = "bytes"
+    `bytes`: UTF-8 bytes, no training, vocab 259. `bpe`: a lossless byte-level BPE (as GPT-2, Llama 3, Qwen)
+    trained (`vocab_size`) on the run's training sources, or a `path` to a tokenizer.json. `sentencepiece`:
+    `path` to any `.model` file, or null to train a lossless one (`vocab_size`, `model_type`, `byte_fallback`).
+    `hf`: `path` to a tokenizer.json or a directory holding one (special tokens and chat template from the
+    tokenizer_config.json beside it). Trained tokenizers are cached by their settings and the sources'
+    fingerprints; `user_defined_symbols` become tokens of their own in trained ones."""
+
+    kind: Literal["bytes", "bpe", "sentencepiece", "hf"] = "bytes"
     path: str | None = None
     vocab_size: int = 2048
     model_type: Literal["bpe", "unigram"] = "bpe"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError
+from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError, ModelConfig
+from lmadapt.families import family
 
 # --------------------------------------------------------------------------------------------------
 # Validation: cross-field checks, once
@@ -33,6 +34,7 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
          "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
     need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
+    _validate_family_options(m, need)
 
     t = cfg.train
     need(t.steps > 0, "train.steps", t.steps, "a positive integer")
@@ -133,6 +135,11 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
          "at least 259 for the byte tokenizer (256 bytes + bos, eos, pad)")
     need(tok.kind != "sentencepiece" or tok.path is not None or 16 <= tok.vocab_size <= cfg.model.vocab_size,
          "tokenizer.vocab_size", tok.vocab_size, f"between 16 and model.vocab_size={cfg.model.vocab_size}")
+    floor = 259 + len(tok.user_defined_symbols)  # bos, eos, pad, the user symbols and 256 bytes
+    need(tok.kind != "bpe" or tok.path is not None or floor <= tok.vocab_size <= cfg.model.vocab_size,
+         "tokenizer.vocab_size", tok.vocab_size, f"between {floor} and model.vocab_size={cfg.model.vocab_size}")
+    need(tok.kind != "hf" or bool(tok.path), "tokenizer.path", tok.path,
+         "a tokenizer.json or a directory holding one for kind 'hf'")
     need(bool(d.sources), "data.sources", d.sources, "at least one source")
     need(0 <= d.replay.fraction < 1, "data.replay.fraction", d.replay.fraction, "a number in [0, 1)")
     need(d.replay.fraction == 0 or bool(d.replay.sources) or d.replay.from_lineage, "data.replay.sources",
@@ -155,3 +162,31 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
             if src.format == "classification":
                 need(bool(src.labels), f"{key}.labels", src.labels, "the list of labels for format 'classification'")
                 need("{text}" in src.template, f"{key}.template", src.template, "a template containing {text}")
+
+
+def _validate_family_options(m: ModelConfig, need: Callable[[bool, str, Any, str], None]) -> None:
+    """Options a family's blocks do not have are refused by name rather than silently ignored."""
+    fam = family(m.family)
+    need(m.sliding_window is None or fam.sliding_window, "model.sliding_window", m.sliding_window,
+         f"null for the {m.family} family (sliding windows: mistral, gemma2)")
+    need(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window", m.sliding_window,
+         "a positive integer or null")
+    need(m.global_layer_every >= 0, "model.global_layer_every", m.global_layer_every, "a non-negative integer")
+    for key in ("attn_softcap", "final_softcap"):
+        value = getattr(m, key)
+        need(value is None or fam.softcaps, f"model.{key}", value, f"null for the {m.family} family (gemma2 only)")
+        need(value is None or value > 0, f"model.{key}", value, "a positive number or null")
+    need(m.query_pre_attn_scalar is None or m.query_pre_attn_scalar > 0, "model.query_pre_attn_scalar",
+         m.query_pre_attn_scalar, "a positive number or null")
+    r = m.rope_scaling
+    need(r.type == "default" or fam.rope, "model.rope_scaling.type", r.type,
+         f"'default' for the {m.family} family (it has learned positions, not RoPE)")
+    need(r.factor > 0, "model.rope_scaling.factor", r.factor, "a positive number")
+    need(r.original_max_len is None or r.original_max_len > 0, "model.rope_scaling.original_max_len",
+         r.original_max_len, "a positive integer or null")
+    need(r.type != "llama3" or r.high_freq_factor > r.low_freq_factor > 0, "model.rope_scaling.high_freq_factor",
+         r.high_freq_factor, f"above model.rope_scaling.low_freq_factor={r.low_freq_factor} (both positive)")
+    need(r.type != "dynamic" or m.dim_per_head > 2, "model.head_dim", m.dim_per_head,
+         "more than 2 for dynamic RoPE scaling")
+    need(r.type != "yarn" or (r.beta_fast > 0 and r.beta_slow > 0), "model.rope_scaling.beta_fast",
+         (r.beta_fast, r.beta_slow), "positive beta_fast and beta_slow")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +27,16 @@ from lmadapt.data import DataError
 from lmadapt.data.packing import Batch, PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
-from lmadapt.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from lmadapt.tokenizer import (
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerError,
+    load_hf_tokenizer,
+    load_tokenizer,
+    train_bpe,
+    train_sentencepiece,
+)
 
 
 @dataclasses.dataclass
@@ -183,27 +193,42 @@ def split_documents(n_docs: int, val_fraction: float, seed: int, name: str) -> t
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+# Bumped whenever what a trained tokenizer is changes, so cached ones from before are not reused
+# (v1: SentencePiece with NFKC and whitespace collapsing, trained line by line; v2: lossless).
+TRAINED_TOKENIZER_VERSION = 2
+
+
 def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_dir: str | None) -> Tokenizer:
-    """The run's tokenizer: bytes, a given `.model` file, or one trained on the sources and cached."""
+    """The run's tokenizer: bytes, a given file, or one trained on the sources (cached by settings and sources)."""
     if cfg.kind == "bytes":
         return ByteTokenizer()
     if cfg.path:
-        return SentencePieceTokenizer.load(os.path.expanduser(cfg.path))
-    settings = {"vocab_size": cfg.vocab_size, "model_type": cfg.model_type, "byte_fallback": cfg.byte_fallback,
-                "user_defined_symbols": cfg.user_defined_symbols}
-    key = hashlib.sha256(json.dumps({"sources": {n: r.fingerprint for n, r in sorted(reads.items())},
-                                     **settings}, sort_keys=True).encode()).hexdigest()[:40]
-    path = os.path.join(os.path.expanduser(cache_dir), "tokenizers", f"{key}.model") if cache_dir else None
-    if path and os.path.isfile(path):
-        return SentencePieceTokenizer.load(path)
+        path = os.path.expanduser(cfg.path)
+        return SentencePieceTokenizer.load(path) if cfg.kind == "sentencepiece" else load_hf_tokenizer(path)
+    settings: dict[str, Any] = {"vocab_size": cfg.vocab_size, "user_defined_symbols": cfg.user_defined_symbols}
+    if cfg.kind == "sentencepiece":
+        settings.update(model_type=cfg.model_type, byte_fallback=cfg.byte_fallback)
+    key = hashlib.sha256(json.dumps({"sources": {n: r.fingerprint for n, r in sorted(reads.items())}, "kind": cfg.kind,
+                                     "version": TRAINED_TOKENIZER_VERSION, **settings},
+                                    sort_keys=True).encode()).hexdigest()[:40]
+    path = os.path.join(os.path.expanduser(cache_dir), "tokenizers", key) if cache_dir else None
+    if path and os.path.isdir(path):
+        try:
+            return load_tokenizer(path)
+        except TokenizerError:
+            pass  # a damaged cache entry: train again and replace it
     texts = (d.text if d.prompt is None else d.prompt + d.text for r in reads.values() for d in r.documents)
-    tok = train_sentencepiece(texts, **settings)
+    tok = train_sentencepiece(texts, **settings) if cfg.kind == "sentencepiece" else train_bpe(texts, **settings)
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(tok.model_proto)
-        os.replace(tmp, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        tok.save(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process cached the same tokenizer first: same settings, same tokenizer
+            shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 

@@ -1,0 +1,49 @@
+"""What every part of the Hugging Face interchange shares: its error, file names, dtypes and JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Export dtypes (the names transformers writes into config.json) and their numpy dtypes.
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+class HFError(ValueError):
+    """A Hugging Face checkpoint or config that cannot be converted; the message names the file, key or tensor."""
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`; unreadable, malformed or non-object files are an HFError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: cannot read JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(obj, dict):
+        raise HFError(f"{path}: expected a JSON object")
+    return obj
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON (a new file: callers write into a fresh staging directory)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def check_empty_target(directory: str) -> str:
+    """The absolute path of `directory`, refused if it exists and is not an empty directory."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise HFError(f"{directory}: exists and is not an empty directory; refusing to overwrite")
+    return directory

@@ -1,0 +1,125 @@
+"""Building blocks of `lmadapt.model` that know no model family: the dense map with its own VJP, a projection with
+logical axis names, and causal, segment-masked attention (sliding windows and soft-capping included).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lmadapt.config import ModelConfig
+
+
+def normal_init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """x [N, K] @ w [K, M], accumulated in float32 and returned in `out_dtype` (None: x's dtype).
+
+    Its own VJP so the weight gradient is `x^T g` read from the saved input: left to autodiff, XLA's CPU
+    backend transposes the *output gradient* for that dot and fuses the whole residual-stream gradient
+    chain into the transpose, recomputing it once per layer (a fifth of a GPT-2 step on CPU; see
+    docs/performance.md). Same values as the plain einsum (the same three dots autodiff would emit); its
+    effect on GPU/TPU speed is not measured yet.
+    """
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array, out_dtype: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return dense(x, w, out_dtype), (x, w)
+
+
+def _dense_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Projection(nn.Module):
+    """A linear map over the trailing `n_in` axes of its input, with a kernel of exactly `shape` (input axes then
+    output axes, each with its own logical name, so heads and head_dim shard separately) and, optionally, a
+    bias over the output axes. Computed as one 2-D `dense` on flattened axes."""
+
+    shape: tuple[int, ...]
+    n_in: int
+    names: tuple[str, ...]
+    bias_names: tuple[str, ...] | None  # None: no bias
+    std: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    out_dtype: Any = None  # None: the compute dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", normal_init(self.std, self.names), self.shape, self.param_dtype)
+        in_shape, out_shape = self.shape[:self.n_in], self.shape[self.n_in:]
+        k, m = math.prod(in_shape), math.prod(out_shape)
+        lead = x.shape[:x.ndim - self.n_in]
+        y = dense(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, m).astype(self.dtype), self.out_dtype)
+        y = y.reshape(*lead, *out_shape)
+        if self.bias_names is not None:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.bias_names)
+            y = y + self.param("bias", zeros, out_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     softcap: float | None = None) -> jax.Array:
+    """Reference attention: softmax(cap(q k^T * scale), masked) v with scores and softmax in float32.
+
+    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K), as HF's
+    `repeat_kv`); mask [B, 1, T, S] bool, True = may attend. `softcap` (Gemma 2) bounds the scores to
+    (-cap, cap) with cap * tanh(scores / cap) before masking. A fully masked row gets a uniform (finite) softmax.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_segment_ids: jax.Array,
+              kv_segment_ids: jax.Array, cfg: ModelConfig, window: jax.Array | int | None = None, *,
+              decode: bool = False) -> jax.Array:
+    """Causal, segment-masked attention. q [B, T, H, D] sits at key slots q_index [T]; k, v [B, S, K, D].
+
+    Query t may read key slot s iff s <= q_index[t], their segment ids match and, with a sliding `window`,
+    q_index[t] - s < window (transformers' rule: a query sees the `window` newest keys, itself included).
+    Within a document, slots and positions differ by a constant, so the window is the same in packed rows.
+    """
+    same_segment = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
+    slots = jnp.arange(k.shape[1])[None, :]
+    in_window = None if window is None else (q_index[:, None] - slots < window)  # [T, S]
+    scale = (cfg.query_pre_attn_scalar or cfg.dim_per_head) ** -0.5
+    if cfg.attention == "cudnn" and not decode and cfg.attn_softcap is None:
+        # cuDNN builds the causal mask itself (skipping fully masked tiles); jax turns the boolean mask into an
+        # additive bias. cuDNN's causal mask is aligned to slot 0, which only the training layout
+        # (q_index == arange(S)) satisfies, so decoding takes the XLA path below. Needs bf16/fp16 inputs.
+        mask = same_segment if in_window is None else same_segment & in_window
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation="cudnn")
+    mask = same_segment & (slots <= q_index[:, None])
+    if in_window is not None:
+        mask = mask & in_window
+    if cfg.attention == "einsum" or cfg.attn_softcap is not None:  # jax's fused attention has no softcap
+        return einsum_attention(q, k, v, mask, scale, cfg.attn_softcap)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                         implementation=None if cfg.attention == "auto" else "xla")
+
+
