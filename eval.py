@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --run, --lineage or --hf")
         if not args.config:
             parser.error("give --config: its data sources (of every stage) are the datasets")
-        return evaluate_versions_cli(args, load_config(args.config, args.overrides))
+        return evaluate_versions_cli(args, load_config(args.config, args.overrides, models_from_versions=True))
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

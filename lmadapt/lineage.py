@@ -5,7 +5,7 @@
                                    params content hash
       versions/<id>/params/        Orbax checkpoint of the params (restores onto any mesh)
       versions/<id>/artifacts/<name>/   optional named pytrees (EWC Fisher, LoRA adapters, ...)
-      versions/<id>/tokenizer.model | tokenizer.bytes
+      versions/<id>/tokenizer.json + tokenizer_config.json | tokenizer.model | tokenizer.bytes
       versions/<id>/MANIFEST.json  size and sha256 of every file above: checked before a version is read
       metrics/<id>.json            evaluation results added later (the version itself never changes)
 

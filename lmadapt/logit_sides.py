@@ -160,10 +160,13 @@ class TransformersSide:
         return self.tokenizer is not None
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        # verbose=False: no "longer than model_max_length" warning; rows are cut to the model's length later.
+        return [list(self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(map(int, ids))) if self.tokenizer is not None else str(list(ids))
+        # Special tokens skipped, as lmadapt's decode does.
+        return (self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True) if self.tokenizer is not None
+                else str(list(ids)))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         torch = self._torch

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmadapt.config import SourceConfig
+from lmadapt.config import ConfigError, SourceConfig
 from lmadapt.evaluate import classify, lm_scores
 from lmadapt.lineage import Lineage
 
@@ -31,6 +31,9 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
                disable=not progress, leave=False)
     for vid in versions:
         model_cfg, tokenizer = lineage.model_config(vid), lineage.tokenizer(vid)
+        if seq_len > model_cfg.max_seq_len:  # the config's own model was not checked: versions bring theirs
+            raise ConfigError(f"train.seq_len={seq_len} is over the max_seq_len={model_cfg.max_seq_len} of version "
+                              f"{vid!r}; set train.seq_len<={model_cfg.max_seq_len}")
         params = None
         stored = lineage.metrics(vid)
         for src in datasets:

@@ -94,8 +94,8 @@ def continual_summary(matrix: list[list[float]], versions: list[str], datasets: 
 
 def all_sources(path: str, overrides: list[str]) -> list[SourceConfig]:
     """Every data source a (possibly staged) config trains on, replay sources included, by name."""
-    top = load_config(path, overrides)
-    configs = [top] + [load_config(path, [*s.overrides, *overrides]) for s in top.stages]
+    top = load_config(path, overrides, models_from_versions=True)
+    configs = [top] + [load_config(path, [*s.overrides, *overrides], models_from_versions=True) for s in top.stages]
     found: dict[str, SourceConfig] = {}
     for c in configs:
         for src in [*c.data.sources, *c.data.replay.sources]:

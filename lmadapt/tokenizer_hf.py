@@ -7,6 +7,7 @@ Such a tokenizer is identified by the bytes of its tokenizer.json and the specia
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,9 +37,12 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@functools.lru_cache(maxsize=1)
 def byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes-to-unicode map: the character a byte-level token spells for each byte."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 characters; ordered here as GPT-2 assigns them
+    """The inverse of GPT-2's bytes-to-unicode map: {character a byte-level token uses: the byte it stands for}.
+
+    Printable Latin-1 bytes stand for themselves; the others, in order, for U+0100 onwards."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     out, extra = {chr(b): b for b in printable}, 0
     for b in range(256):
@@ -49,12 +53,12 @@ def byte_decoder() -> dict[str, int]:
     return out
 
 
-def _components(node: Any, kind: str) -> list[dict[str, Any]]:
+def _components(node: Any) -> list[dict[str, Any]]:
     """Every component (itself or inside a Sequence) of one part of a tokenizer.json."""
     if not isinstance(node, dict):
         return []
     inner = node.get("pretokenizers") or node.get("decoders") or node.get("normalizers") or node.get("processors")
-    return [c for sub in inner for c in _components(sub, kind)] if inner else [node]
+    return [c for sub in inner for c in _components(sub)] if inner else [node]
 
 
 class HFTokenizer(Tokenizer):
@@ -64,6 +68,8 @@ class HFTokenizer(Tokenizer):
     for Qwen), as `AutoTokenizer(text)` does with transformers 5; eos is `eos_token` (required); pad is
     `pad_token`, else eos. `encode` adds no special tokens, like `AutoTokenizer(text, add_special_tokens=False)`.
     """
+
+    _token_bytes: np.ndarray | None = None
 
     def __init__(self, tokenizer_json: bytes, config: dict[str, Any] | None = None, origin: str = "<memory>"):
         try:
@@ -127,7 +133,8 @@ class HFTokenizer(Tokenizer):
         return -1 if i is None else i
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast (no offsets): tokenizers 0.21+
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         # Only the ids lmadapt inserts are dropped: other special tokens may have come from the text itself.
@@ -136,9 +143,14 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode_batch(rows, skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
+        if self._token_bytes is None:  # a 150k vocabulary takes about a second: once
+            self._token_bytes = self._count_token_bytes()
+        return self._token_bytes.copy()
+
+    def _count_token_bytes(self) -> np.ndarray:
         spec = json.loads(self._json)
         byte_level = any(c.get("type") == "ByteLevel" for part in ("pre_tokenizer", "decoder")
-                         for c in _components(spec.get(part), part))
+                         for c in _components(spec.get(part)))
         byte_fallback = bool(spec.get("model", {}).get("byte_fallback"))
         to_byte = byte_decoder()
         added = self._tok.get_added_tokens_decoder()

@@ -56,6 +56,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.piece_to_id(piece)
 
     @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
     def model_proto(self) -> bytes:
         return self._proto
 

@@ -5,6 +5,7 @@ import importlib.util
 import lzma
 import os
 import shutil
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from lmadapt.config import ModelConfig, RopeScalingConfig  # noqa: E402
 from lmadapt.hf import export_hf  # noqa: E402
 from lmadapt.lineage import Lineage  # noqa: E402
-from lmadapt.logit_check import check_hf  # noqa: E402
+from lmadapt.logit_check import CheckReport, check_hf, check_sides  # noqa: E402
 from lmadapt.model import init_params  # noqa: E402
 from lmadapt.tokenizer import train_bpe  # noqa: E402
 
@@ -29,6 +30,8 @@ CONFIGS = {
     "llama": ModelConfig(family="llama", vocab_size=400, rope_theta=500000.0, tie_embeddings=True,
                          rope_scaling=RopeScalingConfig(type="llama3", factor=8.0, original_max_len=16), **SMALL),
     "qwen2": ModelConfig(family="qwen2", vocab_size=416, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True,
+                         **SMALL),
+    "qwen3": ModelConfig(family="qwen3", vocab_size=416, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True,
                          **SMALL),
     "gemma2": ModelConfig(family="gemma2", vocab_size=400, norm_eps=1e-6, tie_embeddings=True, sliding_window=8,
                           global_layer_every=2, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=16,
@@ -64,7 +67,7 @@ def tokenizers():
     return train_bpe([text[:100_000]], 400), train_bpe([text[100_000:]], 400)
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
 def test_passes_on_a_correct_export(tmp_path, tokenizers, family, capsys):
     cfg = CONFIGS[family]
     out = export_hf(str(tmp_path / "hf"), random_params(cfg), cfg, tokenizer=tokenizers[0])
@@ -72,6 +75,17 @@ def test_passes_on_a_correct_export(tmp_path, tokenizers, family, capsys):
     printed = capsys.readouterr().out
     print(printed)
     assert "result: PASS" in printed and "tokens equal: yes" in printed and "8 texts, all encode identically" in printed
+
+
+def test_qwen2_export_with_a_trained_tokenizer_is_flagged(tmp_path, tokenizers):
+    # transformers 5 loads any model_type "qwen2" directory's tokenizer as Qwen2Tokenizer, which replaces the
+    # tokenizer.json's normalizer and split with Qwen's (NFC, single digits): the export warns, and the checker
+    # reports the encoding difference while the weights agree.
+    cfg = CONFIGS["qwen2"]
+    with pytest.warns(UserWarning, match="Qwen2Tokenizer"):
+        out = export_hf(str(tmp_path / "hf"), random_params(cfg), cfg, tokenizer=tokenizers[0])
+    report = check_hf(out)
+    assert report.tokenizer.failed and report.logits.max_abs_diff < 1e-4 and report.exit_code() == 1
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +113,8 @@ def test_fails_on_a_perturbed_weight(exported_version, tmp_path):
     assert check_hf(str(bad), lineage_dir=lin, version="v1", use_transformers=False).exit_code() == 1
     alone = check_hf(hf_dir, lineage_dir=lin, version="v1", use_transformers=False)
     assert alone.exit_code() == 3 and alone.logits.max_abs_diff == 0 and alone.generation.equal
+    nothing = check_hf(hf_dir, use_transformers=False)  # nothing to compare with: lmadapt's generation only
+    assert nothing.exit_code() == 3 and nothing.logits is None and nothing.generation.candidate
 
 
 def test_fails_on_a_different_tokenizer(exported_version, tokenizers, tmp_path, capsys):
@@ -107,7 +123,8 @@ def test_fails_on_a_different_tokenizer(exported_version, tokenizers, tmp_path, 
     other = export_hf(str(tmp_path / "hf"), random_params(cfg, seed=3), cfg, tokenizer=tokenizers[1])
     assert load_tool().main([other, "--lineage", lin, "--version", "v1"]) == 1
     printed = capsys.readouterr().out
-    assert "texts encode differently  [FAIL]" in printed and "first: " in printed and "result: FAIL (tokenizer)" in printed
+    assert "texts encode differently  [FAIL]" in printed and "first: " in printed
+    assert "result: FAIL (tokenizer)" in printed
 
 
 def test_bad_input_is_one_line(exported_version, tmp_path, capsys):
@@ -123,3 +140,44 @@ def test_bad_input_is_one_line(exported_version, tmp_path, capsys):
         assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+class Counter:
+    """A stand-in model over 50 ids whose greedy continuation counts up: logits 5 at (last + 1) % 50 (and, with
+    `tie`, at (last + 2) % 50 too); `flip` makes its decode take (last + 2) at that step instead."""
+
+    name, vocab_size, has_tokenizer, cfg = "counter", 50, True, types.SimpleNamespace(max_seq_len=64)
+
+    def __init__(self, tie: bool = False, flip: int | None = None):
+        self.tie, self.flip = tie, flip
+
+    def encode(self, texts):
+        return [[ord(c) % 50 for c in t] for t in texts]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return None
+
+    def logits(self, tokens):
+        out = np.zeros((len(tokens), 50), np.float32)
+        out[np.arange(len(tokens)), (tokens + 1) % 50] = 5
+        if self.tie:
+            out[np.arange(len(tokens)), (tokens + 2) % 50] = 5
+        return out
+
+    def generate(self, prompt, n):
+        seq = [int(prompt[-1])]
+        for i in range(n):
+            seq.append((seq[-1] + (2 if i == self.flip else 1)) % 50)
+        return np.asarray(seq[1:])
+
+
+@pytest.mark.parametrize("tie,code", [(False, 1), (True, 0)])
+def test_generation_difference_fails_unless_a_near_tie(tie, code):
+    report = check_sides(Counter(tie=tie), Counter(tie=tie, flip=3), CheckReport("counter", None, "float32", 1e-4),
+                         ["some text"], 128, 20)
+    assert report.logits.max_abs_diff == 0 and not report.tokenizer.failed
+    assert report.generation.first_diff == 3 and report.exit_code() == code
+    assert ("a near tie" in "\n".join(report.lines())) == tie

@@ -62,6 +62,10 @@ def test_source_list_and_indexed_overrides(tmp_path):
          "data.sources has 1 entries; '3' is not one of their indices"),
         ("data:\n  sources:\n    - name: c\n      kind: jsonl\n      path: x\n      format: classification\n",
          [], "key 'data.sources.0.labels' has value None"),
+        ("tokenizer:\n  kind: hf\n", [], "key 'tokenizer.path' has value None; expected a tokenizer.json or a dir"),
+        ("tokenizer:\n  kind: bpe\n  vocab_size: 100\n", [], "'tokenizer.vocab_size' has value 100; expected between "
+         "259 and model.vocab_size"),
+        ("tokenizer:\n  kind: wordpiece\n", [], "expected one of 'bytes', 'bpe', 'sentencepiece', 'hf'"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, overrides, needle):

@@ -332,6 +332,16 @@ def test_every_family_exports_a_config_transformers_builds():
         assert config_from_hf(exported) == cfg, family
 
 
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_absent_special_ids_are_null_not_the_class_default(family):
+    """A tokenizer without a BOS (Qwen / Llama-3-style byte-level BPE): config.json says bos_token_id null, so
+    transformers does not fill in its class default (Llama 1, Gemma 2's 2, GPT-2's 50256 outside a small vocab)."""
+    cfg = config_from_hf({**HF_CONFIGS[family], "model_type": family})
+    exported = config_to_hf(cfg, eos_id=0)
+    rebuilt = transformers.AutoConfig.for_model(family, **{k: v for k, v in exported.items() if k != "model_type"})
+    assert (rebuilt.bos_token_id, rebuilt.eos_token_id, rebuilt.pad_token_id) == (None, 0, None)
+
 def test_safetensors_dump_round_trip(tmp_path):
     params, _ = from_hf(*to_hf_state("gpt2"))
     params["layers_1"] = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params["layers_1"])  # mixed dtypes

@@ -7,6 +7,7 @@
     python tools/lineage.py --dir LINEAGE verify [ID ...]          # exit 1 if anything was tampered with
     python tools/lineage.py --dir LINEAGE export ID --out DIR [--format hf|safetensors] [--dtype bfloat16]
                                                    [--max-shard-bytes N]
+        # a LoRA version: also its PEFT adapter (for the parent version) in DIR/adapter [--peft-base PATH]
     python tools/lineage.py --dir LINEAGE import-hf HF_DIR [--id ID]
     python tools/lineage.py --dir LINEAGE merge A B [C ...] --id NEW [--weights 0.5 0.3 0.2]   # model soup
     python tools/lineage.py --dir LINEAGE interpolate A [B] --alpha 0.5 --id NEW   # WiSE-FT; B = A's parent
@@ -164,9 +165,17 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
     if args.format == "safetensors":
         hf.save_safetensors_dump(args.out, params, args.dtype)
     else:
+        from lmadapt.peft_export import version_adapter
+
+        # A LoRA version's adapters are converted before anything is written, then go to OUT/adapter.
+        adapter, note = version_adapter(lineage, args.id, args.peft_base)
         # Params were loaded in the unstacked layout, whatever the version was trained with.
         hf.export_hf(args.out, params, dataclasses.replace(model, scan_layers=False),
                      tokenizer=lineage.tokenizer(args.id), dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+        if adapter is not None:
+            note = f"wrote {adapter.write(os.path.join(args.out, 'adapter'))}: {note}"
+        if note:
+            print(note)
     print(f"exported {args.id} to {args.out} ({args.format}, {args.dtype})")
     return 0
 
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9,
                    help="hf format: split the weights into files of at most this size, with an index (default 5e9)")
+    p.add_argument("--peft-base", default=None, help="a LoRA version's PEFT adapter (OUT/adapter): its "
+                   "base_model_name_or_path (default: the HF directory the parent version was imported from)")
     p = sub.add_parser("merge", help="average versions into a new one (model soup)")
     p.add_argument("versions", nargs="+")
     p.add_argument("--id", required=True)

@@ -20,9 +20,12 @@ from lmadapt.config.validation import validate
 # --------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, models_from_versions: bool = False
+                ) -> Config:
     """Read a YAML config (with `base:` includes), apply `key.sub=value` overrides, validate.
 
+    `models_from_versions`: the caller scores models that carry their own architecture (eval.py over a lineage),
+    so the config's `model` section is not held against `train.seq_len`.
     Raises ConfigError with one line naming the file, key, value and expectation.
     """
     raw: dict[str, Any] = {}
@@ -40,7 +43,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
         _set_dotted(raw, key.strip(), value, origin="command line")
     cfg = _build(Config, raw, prefix="", origin=origin)
-    validate(cfg, origin)
+    validate(cfg, origin, models_from_versions=models_from_versions)
     return cfg
 
 

@@ -145,10 +145,11 @@ class TokenizerConfig:
 
     `bytes`: UTF-8 bytes, no training, vocab 259. `bpe`: a lossless byte-level BPE (as GPT-2, Llama 3, Qwen)
     trained (`vocab_size`) on the run's training sources, or a `path` to a tokenizer.json. `sentencepiece`:
-    `path` to any `.model` file, or null to train a lossless one (`vocab_size`, `model_type`, `byte_fallback`).
-    `hf`: `path` to a tokenizer.json or a directory holding one (special tokens and chat template from the
-    tokenizer_config.json beside it). Trained tokenizers are cached by their settings and the sources'
-    fingerprints; `user_defined_symbols` become tokens of their own in trained ones."""
+    `path` to any `.model` file, or null to train one (`vocab_size`, `model_type`, `byte_fallback`) that keeps
+    every character but "\u2581", which SentencePiece decodes as a space.
+    `hf`: `path` to a tokenizer.json or a Hugging Face tokenizer directory (tokenizer.json, else tokenizer.model;
+    special tokens and chat template from the tokenizer_config.json beside it). Trained tokenizers are cached
+    by their settings and the sources' fingerprints; `user_defined_symbols` become tokens of their own in them."""
 
     kind: Literal["bytes", "bpe", "sentencepiece", "hf"] = "bytes"
     path: str | None = None

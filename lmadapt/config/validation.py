@@ -13,8 +13,12 @@ from lmadapt.families import family
 # --------------------------------------------------------------------------------------------------
 
 
-def validate(cfg: Config, origin: str = "<config>") -> None:
-    """Check values and relations between them; raise ConfigError naming the first problem."""
+def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: bool = False) -> None:
+    """Check values and relations between them; raise ConfigError naming the first problem.
+
+    A run that starts from a version or a Hugging Face directory takes that model's architecture (its
+    max_seq_len is checked against train.seq_len once it is read), so the config's own model is not.
+    """
 
     def need(ok: bool, key: str, value: Any, expected: str) -> None:
         if not ok:
@@ -40,7 +44,9 @@ def validate(cfg: Config, origin: str = "<config>") -> None:
     need(t.steps > 0, "train.steps", t.steps, "a positive integer")
     need(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
     need(t.seq_len > 0, "train.seq_len", t.seq_len, "a positive integer")
-    need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
+    own_model = not (models_from_versions or cfg.init.from_version or cfg.init.from_hf)
+    need(not own_model or t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len,
+         f"at most model.max_seq_len={m.max_seq_len}")
     need(t.microbatches > 0, "train.microbatches", t.microbatches, "a positive integer")
     need(t.max_nonfinite_in_a_row >= 0, "train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row,
          "a non-negative integer")

@@ -204,6 +204,8 @@ def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_
         return ByteTokenizer()
     if cfg.path:
         path = os.path.expanduser(cfg.path)
+        if cfg.kind == "hf":  # a Hugging Face tokenizer directory (tokenizer.json, else tokenizer.model) or file
+            return load_tokenizer(path)
         return SentencePieceTokenizer.load(path) if cfg.kind == "sentencepiece" else load_hf_tokenizer(path)
     settings: dict[str, Any] = {"vocab_size": cfg.vocab_size, "user_defined_symbols": cfg.user_defined_symbols}
     if cfg.kind == "sentencepiece":

@@ -196,8 +196,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", *, bos_id: int | None
                    "initializer_range": cfg.init_std,
                    "dtype": dtype, "torch_dtype": dtype})  # "torch_dtype": the name before transformers 5
     for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
-        if value is not None and value >= 0:
-            config[key] = int(value)
+        # An absent id is written as null: left out, transformers would fill in its class default (Llama's bos 1,
+        # Gemma 2's bos 2, GPT-2's 50256), a token the tokenizer does not have there.
+        config[key] = int(value) if value is not None and value >= 0 else None
     return config
 
 
@@ -225,5 +226,5 @@ def _family_keys(cfg: ModelConfig) -> dict[str, Any]:
 
 def generation_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """generation_config.json for an exported config.json: its special ids (None when it has none)."""
-    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
     return {"_from_model_config": True, **ids} if ids else None

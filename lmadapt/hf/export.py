@@ -9,9 +9,11 @@ is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +36,7 @@ from lmadapt.hf.common import (
 from lmadapt.hf.configs import config_to_hf, generation_config
 from lmadapt.hf.rules import assemble, hf_tensors, rules_for, stacked_path
 from lmadapt.hf.safetensors_io import StreamingWriter, dtype_code, index_json, plan_shards, shard_names
-from lmadapt.tokenizer import Tokenizer, TokenizerError, save_hf_tokenizer
+from lmadapt.tokenizer import HFTokenizer, Tokenizer, TokenizerError, save_hf_tokenizer
 
 
 def _host(x: Any) -> np.ndarray:
@@ -141,6 +143,9 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the published checkpoint private
     try:
         write_weights(tmp or "", params, cfg, dtype, max_shard_bytes=max_shard_bytes, write=lead)
         if tmp is not None:
@@ -167,3 +172,26 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str, cfg: ModelConfig) -> No
         save_hf_tokenizer(tokenizer, directory, cfg.max_seq_len)
     except TokenizerError as e:
         raise HFError(f"tokenizer: {e}") from None
+    if cfg.family == "qwen2" and not _has_qwen2_pipeline(tokenizer):
+        # transformers 5 loads every model_type "qwen2" directory's tokenizer as Qwen2Tokenizer, which swaps the
+        # tokenizer.json's normalizer and pre-tokenizer for Qwen's own: right for Qwen's tokenizer, wrong for one
+        # lmadapt trained (tools/check_hf.py shows the difference).
+        warnings.warn(f"{directory}: AutoTokenizer will load this qwen2 model's tokenizer as Qwen2Tokenizer and "
+                      "encode differently from training; load it with "
+                      "PreTrainedTokenizerFast.from_pretrained(dir), or train with a Qwen tokenizer", stacklevel=2)
+
+
+# What transformers' Qwen2Tokenizer puts in front of the byte-level BPE, whatever tokenizer.json says.
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _has_qwen2_pipeline(tokenizer: Tokenizer) -> bool:
+    """Whether Qwen2Tokenizer's normalizer (NFC) and split are already this tokenizer's (a Qwen tokenizer)."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return False
+    spec = json.loads(tokenizer.tokenizer_json)
+    pre = spec.get("pre_tokenizer") or {}
+    splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+    return ((spec.get("normalizer") or {}).get("type") == "NFC" and len(splits) == 1
+            and splits[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT)

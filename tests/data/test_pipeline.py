@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmadapt.config import DataConfig, ReplayConfig, SourceConfig, TokenizerConfig
-from lmadapt.data import DataError
+from lmadapt.data import DataError, pipeline
 from lmadapt.data.pipeline import assign_slots, build_pipeline
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
@@ -124,14 +124,24 @@ def test_held_out_documents_are_never_trained_on(tmp_path):
     assert positions(again.val["a"]) == held_out  # the same documents in every run
 
 
-def test_sentencepiece_tokenizer_is_trained_once_and_cached(tmp_path, two_sources):
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_trained_tokenizer_is_trained_once_and_cached(tmp_path, two_sources, kind, monkeypatch):
     cfg = data_config(tmp_path, two_sources)
-    tok_cfg = TokenizerConfig(kind="sentencepiece", vocab_size=300)
+    tok_cfg = TokenizerConfig(kind=kind, vocab_size=300)
     p1 = make(cfg, tok=tok_cfg)
     p2 = make(cfg, tok=tok_cfg)
     assert p1.tokenizer.vocab_size == 300 and p1.tokenizer.fingerprint == p2.tokenizer.fingerprint
-    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
+    cached = tmp_path / "cache" / "tokenizers"
+    assert len(list(cached.iterdir())) == 1
     assert batches_equal(p1.batch(3), p2.batch(3))
+    text = "the  quick\n\tbrown fox"
+    assert p1.tokenizer.decode(p1.tokenizer.encode([text])) == [text]  # lossless
+    # The key holds the kind, the settings and a version: a tokenizer trained by older code is not reused.
+    monkeypatch.setattr(pipeline, "TRAINED_TOKENIZER_VERSION", pipeline.TRAINED_TOKENIZER_VERSION + 1)
+    make(cfg, tok=tok_cfg)
+    make(cfg, tok=TokenizerConfig(kind=kind, vocab_size=290))
+    make(cfg, tok=TokenizerConfig(kind="bpe" if kind == "sentencepiece" else "sentencepiece", vocab_size=300))
+    assert len(list(cached.iterdir())) == 4
 
 
 def test_prompt_completion_loss_covers_only_the_completion(tmp_path):

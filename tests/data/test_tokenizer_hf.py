@@ -7,6 +7,7 @@ import lzma
 import os
 import warnings
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from lmadapt.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
+    TokenizerError,
     load_hf_directory_tokenizer,
     load_tokenizer,
     save_hf_tokenizer,
@@ -164,7 +166,11 @@ def exported(tmp_path_factory, texts, llama3_dir) -> dict:
                       "sentencepiece-nfkc": SentencePieceTokenizer(native.getvalue()),
                       "hf": load_tokenizer(llama3_dir)}.items():
         directory = str(tmp_path_factory.mktemp(f"export-{kind}"))
-        files = save_hf_tokenizer(tok, directory, model_max_length=256)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            files = save_hf_tokenizer(tok, directory, model_max_length=256)
+        # Only the NFKC model is inexact (combining marks in the probe battery), and it says so.
+        assert any("converts nearly" in str(w.message) for w in caught) == (kind == "sentencepiece-nfkc")
         assert {"tokenizer.json", "tokenizer_config.json"} <= {os.path.basename(f) for f in files}
         out[kind] = tok, directory
     return out
@@ -207,3 +213,20 @@ def test_a_changed_export_is_read_as_its_tokenizer_json(exported, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec, indent=1))
     again = load_tokenizer(str(tmp_path))
     assert isinstance(again, HFTokenizer) and again.encode(BATTERY) == tok.encode(BATTERY)
+    np.testing.assert_array_equal(token_bytes(again), token_bytes(tok))  # "\u2581" and <0x..> pieces counted alike
+    # kind hf takes any Hugging Face tokenizer directory, also one with only tokenizer.model.
+    for name in ("tokenizer.json", "lmadapt_tokenizer.json"):
+        os.remove(tmp_path / name)
+    model_only = resolve_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path)), {}, None)
+    assert isinstance(model_only, SentencePieceTokenizer) and model_only.fingerprint == tok.fingerprint
+
+
+def test_an_inexact_sentencepiece_conversion_is_refused(exported, tmp_path, monkeypatch):
+    from lmadapt import tokenizer_export
+
+    tok, _ = exported["sentencepiece"]
+    monkeypatch.setattr(tokenizer_export, "sentencepiece_tokenizer_json",
+                        lambda t: tokenizer_export.byte_tokenizer_json(ByteTokenizer()))
+    with pytest.raises(TokenizerError, match="encodes 'def f.* as .* where lmadapt gives"):
+        save_hf_tokenizer(tok, str(tmp_path))
+    assert not os.path.exists(tmp_path / "tokenizer.json")
