@@ -165,7 +165,7 @@ class Lineage:
             if target is not None and want_scan == saved_scan:
                 _check_same_tree(saved, target, f"version {version_id!r}")
                 return ckptr.restore(path, target)
-            params = ckptr.restore(path)
+            params = ckptr.restore(path, _local_target(saved))
         if want_scan != saved_scan:
             params = stack_layers(params) if want_scan else unstack_layers(params)
         if target is not None:
@@ -182,7 +182,7 @@ class Lineage:
             raise LineageError(f"version {version_id!r} has no artifact {name!r} (it has {have or 'none'})")
         with ocp.StandardCheckpointer() as ckptr:
             if target is None:
-                return ckptr.restore(path)
+                return ckptr.restore(path, _local_target(ckptr.metadata(path).item_metadata))
             _check_same_tree(ckptr.metadata(path).item_metadata, target, f"artifact {name!r} of {version_id!r}")
             return ckptr.restore(path, target)
 
@@ -331,3 +331,11 @@ def _sync(name: str) -> None:
 
 def _check_same_tree(saved: Any, target: Any, what: str) -> None:
     check_tree_matches(saved, target, what, LineageError)
+
+
+def _local_target(metadata: Any) -> Any:
+    """Restore targets on this process's first device, from a checkpoint's metadata. Without a target Orbax
+    restores onto the saving run's device layout, which fails on a machine with other devices (a version
+    trained on 8 GPUs, exported on a laptop)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata)

@@ -58,8 +58,9 @@ class Origin:
                     ref[key] = params
                 else:
                     assert self.lineage is not None
-                    ref[key] = self.lineage.load_params(c.distill.teacher, target,
-                                                        scan_layers=self.teacher_cfg.scan_layers)
+                    ref[key] = load_version_params(self.lineage, c.distill.teacher, target,
+                                                   self.teacher_cfg.scan_layers,
+                                                   self.lineage.model_config(c.distill.teacher).param_dtype)
         return ref
 
     def load_opt_state(self, target: Any) -> Any:
@@ -70,6 +71,14 @@ class Origin:
         except LineageError as e:
             raise ConfigError(f"optimizer.carry_state: {e}; publish the parent with lineage.save_opt_state=true "
                               f"and the same optimizer groups") from None
+
+
+def load_version_params(lineage: Lineage, vid: str, target: Any, scan_layers: bool, stored: str) -> Any:
+    """A version's params on `target`'s shardings, cast to `target`'s dtypes: `model.param_dtype` is the run's
+    choice (float32 master weights for a version imported from a bfloat16 checkpoint), not the version's."""
+    as_stored = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, stored, sharding=t.sharding), target)
+    params = lineage.load_params(vid, as_stored, scan_layers=scan_layers)
+    return jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), params, target)
 
 
 def adopt_architecture(mine: ModelConfig, theirs: ModelConfig) -> ModelConfig:
@@ -93,12 +102,15 @@ def resolve_origin(cfg: Config, *, write: bool = True) -> Origin:
         except LineageError as e:
             raise ConfigError(f"init.from_version: {e}") from None
         _check_seq_len(cfg, model, f"version {vid!r}")
+        _check_named_tokenizer(cfg, tokenizer, f"version {vid!r}")
         cfg = dataclasses.replace(cfg, model=model)
         if cfg.data.replay.from_lineage:
             cfg = _with_lineage_replay(cfg, lineage.record(vid))
 
+        stored = lineage.model_config(vid).param_dtype
+
         def load(target: Any) -> Any:
-            return lineage.load_params(vid, target, scan_layers=model.scan_layers)
+            return load_version_params(lineage, vid, target, model.scan_layers, stored)
 
         return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}", lineage,
                       _teacher_cfg(cfg, lineage))
@@ -154,6 +166,22 @@ def _hf_tokenizers(cfg: Config, ckpt: Any) -> tuple[Tokenizer | None, Tokenizer]
         raise HFError(f"{ckpt.directory}: no usable tokenizer (tokenizer.json, tokenizer.model or tokenizer.bytes); "
                       f"copy the checkpoint's tokenizer files into it or set tokenizer.path")
     return ckpt.tokenizer, ckpt.tokenizer
+
+
+def _check_named_tokenizer(cfg: Config, tokenizer: Tokenizer, what: str) -> None:
+    # A run from a version keeps the version's tokenizer (its embeddings index it); a different one named in
+    # the config would otherwise be ignored without a word.
+    if cfg.tokenizer.path is None:
+        return
+    from lmadapt.data.pipeline import resolve_tokenizer
+
+    try:
+        named = resolve_tokenizer(cfg.tokenizer, {}, None)
+    except TokenizerError as e:
+        raise ConfigError(f"tokenizer.path: {e}") from None
+    if named.fingerprint != tokenizer.fingerprint:
+        raise ConfigError(f"tokenizer.path={cfg.tokenizer.path!r} is not the tokenizer of {what}, which a run from "
+                          f"it keeps; remove tokenizer.path (or start a fresh model to use another tokenizer)")
 
 
 def _check_seq_len(cfg: Config, model: ModelConfig, what: str) -> None:

@@ -750,6 +750,54 @@ def test_dry_run_from_hf_writes_nothing_to_the_lineage(tmp_path, hf_dir):
     assert os.listdir(lin) == []  # a real run imports the weights as a root version; a dry run must not
 
 
+def test_a_tokenizer_path_other_than_the_versions_is_refused(tmp_path, lineage_dir):
+    """A run from a version keeps its tokenizer; naming another one is an error, not silently ignored."""
+    from lmadapt.tokenizer import train_bpe
+
+    other = str(tmp_path / "other")
+    os.mkdir(other)
+    train_bpe(["some other text, 123\n" * 50], 300).save(other)
+    args = base_args(str(tmp_path), f"lineage.dir={lineage_dir}", "init.from_version=v1", "train.seq_len=32")
+    refused(train.main, ["--dry-run", *args, "tokenizer.kind=bpe", f"tokenizer.path={other}"], [lineage_dir],
+            "tokenizer.path=", "is not the tokenizer of version 'v1'")
+    rc, err = call(train.main, ["--dry-run", *args, "tokenizer.kind=hf", f"tokenizer.path={lineage_dir}/versions/v1"])
+    assert rc == 0, err  # its own tokenizer, named explicitly, is fine
+
+
+
+def test_export_onto_an_occupied_target_is_refused_before_reading_params(tmp_path, lineage_dir, monkeypatch):
+    """A file, a non-empty directory or a dangling symlink at --out: one line, nothing written, and the params
+    are not read first (minutes for a large model). --format safetensors never overwrites a file either."""
+    from lmadapt.lineage import Lineage
+
+    d = str(tmp_path)
+    os.mkdir(os.path.join(d, "full"))
+    write_bytes(os.path.join(d, "full"), "keep.txt", b"keep")
+    write_bytes(d, "file.safetensors", b"keep")
+    os.symlink(os.path.join(d, "nowhere"), os.path.join(d, "dangling"))
+    real_load = Lineage.load_params
+    monkeypatch.setattr(Lineage, "load_params", lambda *a, **k: pytest.fail("params read before the target check"))
+    for target, fmt in (("full", "hf"), ("file.safetensors", "hf"), ("full", "safetensors"),
+                        ("file.safetensors", "safetensors"), ("dangling", "safetensors")):
+        refused(lineage_tool.main, ["--dir", lineage_dir, "export", "v1", "--out", os.path.join(d, target),
+                                    "--format", fmt], [os.path.join(d, "full"), os.path.join(d, "file.safetensors"),
+                                                       lineage_dir], target, "refusing to overwrite")
+    assert sorted(os.listdir(d)) == ["dangling", "file.safetensors", "full"] and not os.path.exists(
+        os.path.join(d, "nowhere"))
+    monkeypatch.setattr(Lineage, "load_params", real_load)
+    # A symlink to an empty or not yet existing directory is followed, as cp and save_pretrained do.
+    os.symlink(os.path.join(d, "elsewhere"), os.path.join(d, "link"))
+    rc, err = call(lineage_tool.main, ["--dir", lineage_dir, "export", "v1", "--out", os.path.join(d, "link")])
+    assert rc == 0, err
+    assert os.path.isfile(os.path.join(d, "elsewhere", "config.json")) and os.path.islink(os.path.join(d, "link"))
+    rc, err = call(lineage_tool.main, ["--dir", lineage_dir, "export", "v1", "--out", os.path.join(d, "dump"),
+                                       "--format", "safetensors"])
+    assert rc == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(d, "dump")).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    assert sorted(os.listdir(d)) == ["dangling", "dump", "elsewhere", "file.safetensors", "full", "link"]
+
 # ---- The command line: a few real subprocesses -------------------------------------------------------------------
 
 

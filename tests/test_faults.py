@@ -135,7 +135,7 @@ def test_sigkill_at_random_steps_then_restart_is_bit_identical(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys, threading
     import jax, numpy as np
-    from lmadapt.config import CheckpointConfig, ModelConfig
+    from lmadapt.config import CheckpointConfig, ModelConfig, RopeScalingConfig
     from lmadapt.checkpoint import Checkpointer
     from lmadapt.lineage import Lineage
     from lmadapt.tokenizer import ByteTokenizer
@@ -245,7 +245,7 @@ def test_two_processes_publishing_at_once(tmp_path):
     script = textwrap.dedent("""
         import os, sys, time
         import flax.linen as nn, jax
-        from lmadapt.config import ModelConfig
+        from lmadapt.config import ModelConfig, RopeScalingConfig
         from lmadapt.lineage import Lineage, LineageError
         from lmadapt.model import init_params
         from lmadapt.tokenizer import ByteTokenizer

@@ -249,6 +249,39 @@ def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
     np.testing.assert_allclose(torch_logits(upcast, tokens), lm_logits(cfg32, f32, tokens), rtol=0, atol=ATOL)
 
 
+
+def test_update_of_a_bfloat16_import_trains_in_the_runs_param_dtype(tmp_path):
+    """import-hf of a bf16 checkpoint (Qwen2.5, Llama 3.2 ship bf16) keeps bf16 in the lineage; a run from that
+    version with float32 master weights (the default model.param_dtype) loads it cast, on its shardings and in
+    either layout, instead of refusing the dtype; a distillation teacher stored in bf16 likewise."""
+    from lmadapt.config import load_config
+    from lmadapt.lineage import Lineage
+    from lmadapt.tokenizer import ByteTokenizer
+    from lmadapt.versioning import import_root, resolve_origin
+
+    build_hf_model("qwen2").to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"), safe_serialization=True)
+    ckpt = open_hf(str(tmp_path / "bf16"))
+    host = ckpt.load()
+    import_root(Lineage(str(tmp_path / "lin")), str(tmp_path / "bf16"), host, ckpt.config, ByteTokenizer(),
+                version_id="base")
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+    mesh, rules = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), MeshConfig().rules
+    for scan in (False, True):
+        cfg = load_config(tiny, [f"lineage.dir={tmp_path / 'lin'}", "init.from_version=base", "train.seq_len=32",
+                                 f"model.scan_layers={str(scan).lower()}", "continual.distill.weight=0.5",
+                                 "continual.distill.teacher=base"])
+        origin = resolve_origin(cfg)
+        assert origin.cfg.model.param_dtype == "float32"
+        target = _target(origin.cfg.model, mesh, rules)
+        placed = origin.load_params(target)
+        teacher = origin.load_ref(placed, {"teacher": target})["teacher"]
+        expected = stack_layers(host) if scan else host
+        for got in (placed, teacher):
+            for leaf, want, t in zip(jax.tree.leaves(got), jax.tree.leaves(expected), jax.tree.leaves(target),
+                                     strict=True):
+                assert leaf.dtype == np.float32 and leaf.sharding == t.sharding
+                np.testing.assert_array_equal(np.asarray(leaf), want.astype(np.float32))
+
 def test_float32_export_as_bfloat16_rounds_like_torch(tmp_path):
     model = build_hf_model("llama")
     params, cfg = from_hf({k: v.numpy() for k, v in model.state_dict().items()}, model.config.to_dict())
@@ -427,6 +460,27 @@ def test_class_defaults_and_explicit_nulls():
     assert config_from_hf({**gemma, "model_type": "gemma2", "final_logit_softcapping": None}).final_softcap is None
     qwen3 = {k: v for k, v in HF_CONFIGS["qwen3"].items() if k != "head_dim"}
     assert config_from_hf({**qwen3, "model_type": "qwen3"}).dim_per_head == 128
+
+
+def test_an_export_removes_what_a_killed_export_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from lmadapt.hf.common import make_staging_dir
+
+    state, config = to_hf_state("llama")
+    params, cfg = from_hf(state, config)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:64]
+    stale = tmp_path / f".out.tmp-{host}-{dead.pid}-abc"  # as a SIGKILLed export leaves it
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = make_staging_dir(str(tmp_path / "out"))  # this process's, still writing
+    export_hf(str(tmp_path / "out"), params, cfg)
+    assert not stale.exists() and os.path.isdir(live)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "out"])
 
 
 def test_errors(tmp_path):

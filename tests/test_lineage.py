@@ -78,7 +78,7 @@ def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         import flax.linen as nn, jax
-        from lmadapt.config import ModelConfig
+        from lmadapt.config import ModelConfig, RopeScalingConfig
         from lmadapt.lineage import Lineage
         from lmadapt.model import init_params
         from lmadapt.tokenizer import ByteTokenizer
@@ -183,3 +183,18 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     assert from_hf.returncode == 0, from_hf.stderr[-3000:]
     (root,) = lineage.record("from-hf")["parents"]
     assert root.startswith("hf-hf_child-") and lineage.record(root)["params_hash"] == rec["params_hash"]
+
+
+def test_a_version_saved_on_8_devices_reads_and_exports_on_1(tmp_path):
+    # A version trained on a mesh must read back (export, eval, verify) on a machine with other devices.
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(
+        "fsdp" if x.ndim and x.shape[0] % 8 == 0 else None))), params(0))
+    Lineage(str(tmp_path / "lin")).publish("v0", sharded, CFG, ByteTokenizer(), parents=[])
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = run_cmd(["tools/lineage.py", "--dir", str(tmp_path / "lin"), "export", "v0", "--out", str(tmp_path / "hf")],
+                  env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert run_cmd(["tools/lineage.py", "--dir", str(tmp_path / "lin"), "verify"], env=env).returncode == 0

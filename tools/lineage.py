@@ -159,7 +159,10 @@ def cmd_verify(lineage: Lineage, args: argparse.Namespace) -> int:
 
 def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
     from lmadapt import hf
+    from lmadapt.hf.common import check_empty_target, check_new_file
 
+    # Refuse an occupied target before reading the params (minutes for a large model).
+    (check_new_file if args.format == "safetensors" else check_empty_target)(args.out)
     params = lineage.load_params(args.id, scan_layers=False)
     model = lineage.model_config(args.id)
     if args.format == "safetensors":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import socket
+import tempfile
 from typing import Any
 
 import ml_dtypes
@@ -42,8 +46,42 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def check_empty_target(directory: str) -> str:
-    """The absolute path of `directory`, refused if it exists and is not an empty directory."""
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    """The absolute path of `directory`, refused if it exists and is not an empty directory.
+
+    A symlink is followed (an output directory linked onto a bigger disk): the checkpoint is renamed into the
+    directory it points to, since rename(2) cannot replace a symlink by a directory."""
+    directory = os.path.realpath(os.path.expanduser(directory))
+    if os.path.lexists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise HFError(f"{directory}: exists and is not an empty directory; refusing to overwrite")
     return directory
+
+
+def check_new_file(path: str) -> str:
+    """The absolute path of `path`, refused if anything (a file, a directory, a dangling symlink) is there."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(path):
+        raise HFError(f"{path}: exists; refusing to overwrite")
+    return path
+
+
+def make_staging_dir(directory: str) -> str:
+    """A fresh hidden sibling of `directory` to write an export into, named after this host and process; first
+    removes the ones that dead processes of this host left (a killed export would otherwise leave up to a whole
+    model's bytes behind, unseen). Other hosts' and live processes' staging directories are left alone."""
+    parent, base = os.path.dirname(directory), os.path.basename(directory)
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:64]
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.tmp-{host}-*-*")):
+        pid = os.path.basename(stale)[len(f".{base}.tmp-{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f".{base}.tmp-{host}-{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

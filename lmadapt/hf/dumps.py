@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
-from lmadapt.hf.common import DTYPES, HFError
+from lmadapt.hf.common import DTYPES, HFError, check_new_file
 
 
 def save_safetensors_dump(path: str, params: Any, dtype: str | None = None) -> str:
@@ -27,9 +28,23 @@ def save_safetensors_dump(path: str, params: Any, dtype: str | None = None) -> s
         if name.count("/") != len(keys) - 1:  # a "/" inside a name would split differently on load
             raise HFError(f"param {name!r}: a name contains '/', the dump's separator")
         flat[name] = np.ascontiguousarray(target(np.asarray(leaf)))
-    tmp = path + ".tmp"
-    save_file(flat, tmp, metadata={"format": "lmadapt-params"})
-    os.replace(tmp, path)
+    path = check_new_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"format": "lmadapt-params"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the dump private
+        try:
+            os.link(tmp, path)  # unlike rename, fails if something appeared at `path` meanwhile
+        except FileExistsError:
+            raise HFError(f"{path}: exists; refusing to overwrite") from None
+        except OSError:  # a file system without hard links
+            os.replace(tmp, check_new_file(path))
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from lmadapt.hf.common import (
     INDEX_FILE,
     HFError,
     check_empty_target,
+    make_staging_dir,
     write_json,
 )
 from lmadapt.hf.configs import config_to_hf, generation_config
@@ -142,7 +142,7 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     if lead:
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        tmp = make_staging_dir(directory)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the published checkpoint private
@@ -154,7 +154,7 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
             if gen:
                 write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), gen)
             if tokenizer is not None:
-                save_tokenizer(tokenizer, tmp, cfg)
+                save_tokenizer(tokenizer, tmp, cfg, shown=directory)
             os.replace(tmp, directory)  # rename(2) replaces an empty directory atomically
     except BaseException:
         if tmp is not None:
@@ -165,7 +165,7 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     return directory
 
 
-def save_tokenizer(tokenizer: Tokenizer, directory: str, cfg: ModelConfig) -> None:
+def save_tokenizer(tokenizer: Tokenizer, directory: str, cfg: ModelConfig, *, shown: str | None = None) -> None:
     """The tokenizer's files as transformers reads them (tokenizer.json + tokenizer_config.json, and the
     tokenizer's own file so lmadapt gets back exactly the tokenizer it trained with)."""
     try:
@@ -176,8 +176,8 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str, cfg: ModelConfig) -> No
         # transformers 5 loads every model_type "qwen2" directory's tokenizer as Qwen2Tokenizer, which swaps the
         # tokenizer.json's normalizer and pre-tokenizer for Qwen's own: right for Qwen's tokenizer, wrong for one
         # lmadapt trained (tools/check_hf.py shows the difference).
-        warnings.warn(f"{directory}: AutoTokenizer will load this qwen2 model's tokenizer as Qwen2Tokenizer and "
-                      "encode differently from training; load it with "
+        warnings.warn(f"{shown or directory}: AutoTokenizer will load this qwen2 model's tokenizer as "
+                      "Qwen2Tokenizer and encode differently from training; load it with "
                       "PreTrainedTokenizerFast.from_pretrained(dir), or train with a Qwen tokenizer", stacklevel=2)
 
 
