@@ -152,8 +152,9 @@ class Lineage:
                     check: bool = True) -> Any:
         """Params of a version. `target`: a tree of ShapeDtypeStructs with shardings (restores each shard
         straight onto its devices, on any mesh); `scan_layers`: the layout wanted, converted if the
-        version was saved in the other one. Mismatched shapes or dtypes, and (with `check`) a damaged
-        version, raise LineageError."""
+        version was saved in the other one; without a target, host (numpy) arrays, whatever devices the
+        version was saved from. Mismatched shapes or dtypes, and (with `check`) a damaged version, raise
+        LineageError."""
         if check:
             self.check_intact(version_id)
         record = self.record(version_id)
@@ -166,6 +167,8 @@ class Lineage:
                 _check_same_tree(saved, target, f"version {version_id!r}")
                 return ckptr.restore(path, target)
             params = ckptr.restore(path, _local_target(saved))
+        # Host copies: single-device arrays would be refused beside a run's mesh (stacking, placing, jit).
+        params = jax.device_get(params)
         if want_scan != saved_scan:
             params = stack_layers(params) if want_scan else unstack_layers(params)
         if target is not None:
@@ -181,8 +184,8 @@ class Lineage:
             have = self.record(version_id).get("artifacts", [])
             raise LineageError(f"version {version_id!r} has no artifact {name!r} (it has {have or 'none'})")
         with ocp.StandardCheckpointer() as ckptr:
-            if target is None:
-                return ckptr.restore(path, _local_target(ckptr.metadata(path).item_metadata))
+            if target is None:  # host copies, as load_params gives
+                return jax.device_get(ckptr.restore(path, _local_target(ckptr.metadata(path).item_metadata)))
             _check_same_tree(ckptr.metadata(path).item_metadata, target, f"artifact {name!r} of {version_id!r}")
             return ckptr.restore(path, target)
 
