@@ -73,30 +73,29 @@ def test_the_issue_example_survives_and_newlines_are_learned(trained):
     assert bpe_tok.piece_to_id("\u010a") >= 0 and bpe_tok.piece_to_id("\u0120\u0120\u0120") >= 0  # "\n", "   "
 
 
-@settings(max_examples=200, deadline=None)
-@given(text=TEXTS)
-def test_byte_level_bpe_is_lossless(trained, text):
-    tok = trained["bpe"]
+def assert_lossless(tok, text: str) -> None:
+    """decode(encode(text)) == text, and the tokens spell exactly the text's UTF-8 bytes (bits per byte)."""
     ids = tok.encode([text])[0]
     assert tok.decode([ids]) == [text]
     assert int(token_bytes(tok)[ids].sum()) == len(text.encode("utf-8"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TEXTS)
+def test_byte_level_bpe_is_lossless(trained, text):
+    assert_lossless(trained["bpe"], text)
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=SPM_TEXTS)
 def test_trained_sentencepiece_is_lossless_but_for_its_space_symbol(trained, text):
-    tok = trained["sentencepiece"]
-    ids = tok.encode([text])[0]
-    assert tok.decode([ids]) == [text]
-    assert int(token_bytes(tok)[ids].sum()) == len(text.encode("utf-8"))
+    assert_lossless(trained["sentencepiece"], text)
 
 
 @settings(max_examples=100, deadline=None)
 @given(text=TEXTS)
 def test_byte_tokenizer_counts_bytes(text):
-    tok = ByteTokenizer()
-    ids = tok.encode([text])[0]
-    assert tok.decode([ids]) == [text] and int(token_bytes(tok)[ids].sum()) == len(text.encode("utf-8"))
+    assert_lossless(ByteTokenizer(), text)
 
 
 def test_bits_per_byte_tables_give_specials_nothing(trained):
