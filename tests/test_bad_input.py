@@ -542,7 +542,7 @@ def assert_hf_refused(d: str, path: str, *needles: str) -> None:
 @fuzz(15)
 @given(change=st.sampled_from(["drop", "extra", "shape"]), data=st.data())
 def test_hf_missing_extra_or_misshapen_tensor_is_named(scratch, hf_dir, change, data):
-    from lmadapt.hf import _BUFFERS
+    from lmadapt.hf import BUFFERS
 
     state = load_file(os.path.join(hf_dir, "model.safetensors"))
     if change == "drop":
@@ -553,7 +553,7 @@ def test_hf_missing_extra_or_misshapen_tensor_is_named(scratch, hf_dir, change, 
         name = data.draw(st.from_regex(r"(model|lm_head|transformer)\.[a-z0-9_.]{1,30}", fullmatch=True)
                          | st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20),
                          label="extra")
-        assume(name not in state and not _BUFFERS.match(name))
+        assume(name not in state and not BUFFERS.match(name))
         state[name] = np.zeros(data.draw(st.sampled_from([(3,), (2, 2), ()])), np.float32)
         needle = "unexpected tensor(s) " + name
     else:

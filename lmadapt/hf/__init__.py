@@ -23,8 +23,6 @@ from lmadapt.hf.dumps import load_safetensors_dump, save_safetensors_dump
 from lmadapt.hf.export import export_hf, to_hf
 from lmadapt.hf.rules import Rule, rules_for
 
-_BUFFERS = BUFFERS  # the name tests and older callers use
-
 __all__ = [
     "BUFFERS",
     "CONFIG_FILE",
