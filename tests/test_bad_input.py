@@ -12,9 +12,7 @@ costs seconds; the last tests run the real commands to prove the command-line pa
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
@@ -31,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import ROOT, run_cmd
+from helpers import ROOT, assert_one_line, call, run_cmd, snapshot
 from lmadapt.config import Config, ConfigError, SourceConfig, load_config
 from lmadapt.data.sources import read_source
 from lmadapt.lineage import LineageError, check_version_id
@@ -56,43 +54,6 @@ def fuzz(n: int) -> settings:
 
 
 # ---- The property ------------------------------------------------------------------------------------------------
-
-
-def snapshot(*roots: str) -> dict[str, object]:
-    """Every folder and file under `roots` (size and sha256 of files); a missing root is recorded as missing."""
-    out: dict[str, object] = {}
-    for root in roots:
-        if not os.path.exists(root):
-            out[root] = None
-            continue
-        if os.path.isfile(root):
-            paths = [root]
-        else:
-            paths = [root]
-            for d, dirs, files in os.walk(root):
-                paths += [os.path.join(d, x) for x in dirs + files]
-        for p in paths:
-            if os.path.isdir(p):
-                out[p] = "dir"
-            else:
-                with open(p, "rb") as f:
-                    blob = f.read()
-                out[p] = (len(blob), hashlib.sha256(blob).hexdigest())
-    return out
-
-
-def call(main, argv: list[str]) -> tuple[int, str]:
-    """Run an entry point's `main` in process: (return code, what it wrote to stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, err.getvalue()
-
-
-def assert_one_line(message: str, *needles: str) -> None:
-    assert message and "\n" not in message and "\r" not in message, repr(message)
-    for n in needles:
-        assert n in message, f"{n!r} not in {message!r}"
 
 
 def refused(main, argv: list[str], roots: list[str], *needles: str) -> str:

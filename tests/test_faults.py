@@ -1,7 +1,6 @@
 """Faults: preemption, crashes inside writes, concurrent publishers, corruption, untrusted files,
 non-finite steps, full and read-only disks. Nothing published or completed may be lost."""
 
-import contextlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import ROOT, run_cmd
+from helpers import ROOT, run_cmd, tmpfs
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import CheckpointConfig, load_config
 from lmadapt.lineage import Lineage, LineageError
@@ -469,20 +468,6 @@ def test_non_finite_policy_in_a_run(tmp_path, policy):
 
 
 # ---- 5. Full or read-only disks -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def tmpfs(path, size, read_only=False):
-    """A small tmpfs at `path` (root only: CI and this image run as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    opts = f"size={size}" + (",ro" if read_only else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
 
 def test_read_only_or_too_small_run_dir_fails_before_training(tmp_path):
     with tmpfs(tmp_path / "ro", "4m", read_only=True) as ro:
