@@ -19,8 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the parameter groups (count, learning rate, decay, frozen) and the strategy, "
                              "then exit without training")
+    parser.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                        help="on resume, accept changes to these config keys (or sections) beyond the runtime ones "
+                             "(logging, eval, checkpoint cadence, train.steps upward); never model or tokenizer keys")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 model.d_model=128")
     args = parser.parse_args(argv)
+    from lmadapt.stopflag import StopFlag  # light: SIGTERM while JAX imports or compiles still exits 0
+
+    with StopFlag() as stop:
+        return _run(args, stop)
+
+
+def _run(args: argparse.Namespace, stop) -> int:
 
     # Imported late so that `--help` and config errors answer without initialising JAX.
     from lmadapt.checkpoint import CheckpointError
@@ -38,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         elif cfg.stages:
             from lmadapt.stages import run_stages
 
-            run_stages(args.config, args.overrides)
+            run_stages(args.config, args.overrides, stop=stop)
         else:
-            train(cfg)
+            train(cfg, stop=stop, allow_config_change=tuple(filter(None, args.allow_config_change.split(","))))
     except (ConfigError, DataError, LineageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

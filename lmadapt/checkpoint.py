@@ -36,7 +36,8 @@ class Checkpointer:
         self._async = cfg.async_save
         self._failed = False
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
+            max_to_keep=None if read_only else cfg.keep,  # (Orbax warns about these when read-only)
+            save_interval_steps=0 if read_only else 1,
             keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
@@ -113,6 +114,16 @@ class Checkpointer:
             if (below is None or step < below) and not self.verify(step):
                 return step
         return None
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The small JSON saved beside checkpoint `step` (its config, ...), without restoring the state."""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # an unreadable item is reported from deep inside Orbax, as any exception type
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has unreadable metadata "
+                                  f"({type(e).__name__}: {first})") from None
+        return meta if isinstance(meta, dict) else {}
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs).

@@ -8,19 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from lmadapt.checkpoint import Checkpointer, CheckpointError
 from lmadapt.config import ConfigError
-from lmadapt.manifest import MANIFEST, summary
 
 
 class TrainingError(RuntimeError):
@@ -55,36 +50,6 @@ class NonFiniteWatch:
             raise TrainingError(f"{message}: {self.in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row="
                                 f"{limit}); checkpoints up to here are intact; lower the learning rate or check "
                                 f"the data")
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; checked between steps so a preempted job saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self, sync_point: bool) -> bool:
-        """Whether to stop now. With several processes all must stop at the same step, so they only
-        compare flags at sync points (the logging steps); a single process stops at the next step."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if not sync_point:
-            return False
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
 
 
 LOST_PEER_EXIT_CODE = 3  # a multi-process job that lost a process (config errors exit 2)
@@ -136,47 +101,16 @@ def check_writable(directory: str, key: str) -> None:
         raise ConfigError(f"{key}: {directory} is not writable ({e.strerror or e})") from None
 
 
-def check_room(run_dir: str, abstract_state: Any) -> None:
-    """Fail before training if the run's disk cannot hold even one checkpoint of the state."""
-    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    free = shutil.disk_usage(_nearest_existing(run_dir)).free
+def check_room(directory: str, tree: Any, key: str, what: str) -> None:
+    """Fail before training if the disk of `directory` (config key `key`) cannot hold `tree` (`what`)."""
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    free = shutil.disk_usage(_nearest_existing(directory)).free
     if free < need:
-        raise ConfigError(f"run.dir: {run_dir} has {free / 2**20:,.1f} MiB free, but one checkpoint of this "
-                          f"state needs about {need / 2**20:,.1f} MiB")
+        raise ConfigError(f"{key}: {directory} has {free / 2**20:,.1f} MiB free, but {what} needs about "
+                          f"{need / 2**20:,.1f} MiB")
 
 
 def _nearest_existing(path: str) -> str:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
-
-
-def resume_point(ckpt: Checkpointer, log: Callable[[str], None]) -> int | None:
-    """The checkpoint to resume from: the newest, once its manifest checks out (process 0 checks, all
-    processes agree). A damaged one raises CheckpointError naming the file and an earlier intact one."""
-    latest = ckpt.latest_step()
-    if latest is None:
-        return None
-    problems = ckpt.verify(latest) if jax.process_index() == 0 else []
-    unsealed = len(problems) == 1 and problems[0].startswith(f"{MANIFEST}: missing")
-    damaged = bool(problems) and not unsealed
-    if jax.process_count() > 1:
-        damaged = bool(multihost_utils.broadcast_one_to_all(np.int32(damaged)))
-    where = ckpt.directory / str(latest)
-    if damaged:
-        detail = summary(problems) if problems else "see the log of process 0"
-        raise CheckpointError(f"checkpoint {where} is damaged: {detail}; not resuming from it; "
-                              f"{intact_hint(ckpt, latest)}")
-    if unsealed:
-        log(f"checkpoint {where} was committed but not sealed (the run stopped right after saving it); "
-            f"resuming from it without a content check")
-    return latest
-
-
-def intact_hint(ckpt: Checkpointer, step: int) -> str:
-    """What to do about damaged checkpoint `step`: the newest earlier intact one, if any."""
-    earlier = ckpt.newest_intact(below=step)
-    if earlier is None:
-        return "no earlier checkpoint is intact"
-    return (f"checkpoint {earlier} is intact: move {ckpt.directory / str(step)} out of {ckpt.directory} and "
-            f"restart to resume from step {earlier}")

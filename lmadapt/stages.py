@@ -22,8 +22,10 @@ from lmadapt.config import ConfigError, SourceConfig, load_config
 from lmadapt.lineage import Lineage
 
 
-def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every stage of the config at `path`, evaluate all versions on all datasets, write the report."""
+def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = print, stop: Any = None
+               ) -> dict[str, Any] | None:
+    """Train every stage of the config at `path`, evaluate all versions on all datasets, write the report.
+    `stop`: the caller's StopFlag; a stop signal ends the run after the current stage's checkpoint (None)."""
     from lmadapt.report import evaluate_versions, loss_matrix, write_report
     from lmadapt.trainer import train
 
@@ -39,7 +41,9 @@ def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = pri
         cfg = dataclasses.replace(cfg, stages=[])
         log(f"== stage {stage.name}: {', '.join(s.name for s in cfg.data.sources)}"
             + (f" + {cfg.data.replay.fraction:.0%} replay" if cfg.data.replay.fraction else ""))
-        train(cfg, log=log)
+        if train(cfg, log=log, stop=stop)["interrupted"]:
+            log(f"stopped during stage {stage.name}; run the same command again to resume it")
+            return None
         versions.append(stage.name)
         trained_on.append(cfg.data.sources[0].name)
         for src in cfg.data.sources:

@@ -20,14 +20,15 @@ import optax
 import yaml
 from tqdm import tqdm
 
-from lmadapt import fisher, guards, sharding, strategy
-from lmadapt.checkpoint import Checkpointer, CheckpointError
+from lmadapt import fisher, guards, locks, resume, sharding, strategy
+from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.logs import MetricsLogger
 from lmadapt.model import Transformer, count_params
 from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule, param_paths
+from lmadapt.stopflag import StopFlag
 from lmadapt.tokenizer import Tokenizer, TokenizerError, load_hf_directory_tokenizer
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
 from lmadapt.versioning import publish_run, resolve_origin
@@ -151,7 +152,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
 
 
 def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, evals: dict[str, float],
-             log: Callable[[str], None]) -> str | None:
+             log: Callable[[str], None], config_changes: list[dict[str, Any]]) -> str | None:
     """Publish the finished run: merged params, artifacts (LoRA adapters, Fisher, optimizer state), record."""
     if not cfg.lineage.dir:
         return None
@@ -164,7 +165,7 @@ def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, eval
                        tokens_seen=session.data.tokens_seen(int(state.step)),
                        metrics={f"eval/{k}": v for k, v in evals.items()},
                        strategy=strategy.describe(cfg, session.groups, origin.teacher_cfg), artifacts=artifacts,
-                       log=log)
+                       config_changes=config_changes, log=log)
 
 
 def _estimate_fisher(cfg: Config, session: Session, origin: Any, params: Any) -> Any:
@@ -201,119 +202,187 @@ def run_tokenizer(run_dir: str) -> Tokenizer | None:
     return load_hf_directory_tokenizer(run_dir) if os.path.isdir(run_dir) else None
 
 
+RUN_LOCK = "train.lock"  # in run.dir: held (flock) by the one job writing it
+
+
 def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
-          devices: list[jax.Device] | None = None) -> dict[str, Any]:
+          devices: list[jax.Device] | None = None, stop: StopFlag | None = None,
+          allow_config_change: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) the job described by `cfg`; return a summary (final step, losses, eval loss).
 
     `on_step(step)` is called on the host after each step is dispatched (tests use it to inject faults);
-    `devices` restricts the mesh to some devices (default: all global devices).
+    `devices` restricts the mesh to some devices (default: all global devices); `stop`: a StopFlag already
+    raised by the caller (train.py raises it before importing JAX); `allow_config_change`: config keys a
+    resume may change beyond the runtime ones (see resume.config_changes).
     """
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a device
     run_dir = os.path.abspath(cfg.run.dir)
     guards.check_writable(run_dir, "run.dir")
     if cfg.lineage.dir:
         guards.check_writable(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), "lineage.dir")
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    # One writer per run directory: a second job would interleave metrics and checkpoints silently.
+    with locks.exclusive_for_job(os.path.join(run_dir, RUN_LOCK), f"run.dir {run_dir}"), \
+            contextlib.nullcontext(stop) if stop is not None else StopFlag() as stop:
+        started = _start(cfg, run_dir, devices, log, stop, allow_config_change)
+        if started is None:
+            log(f"stopping on {stop.name} during start-up, before the first step; nothing was trained or saved")
+            return {"step": None, "eval_loss": None, "state": None, "interrupted": True, "version": None}
+        return _run(started, on_step, log, stop)
+
+
+@dataclasses.dataclass
+class _Started:
+    """A run ready for its first step: built, its resume point chosen and checked, its state in memory."""
+
+    cfg: Config
+    origin: Any
+    session: Session
+    ckpt: Checkpointer
+    state: TrainState
+    meta: dict[str, Any]  # saved beside every checkpoint: the config, and config changes made on resume
+
+
+def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Callable[[str], None], stop: StopFlag,
+           allow: tuple[str, ...]) -> _Started | None:
+    """Build the session, pick and check the resume point, write the run's config and tokenizer, and make
+    the first state. None if a stop signal came in meanwhile (checked between the slow parts)."""
+    if stop.signal:
+        return None
     origin = resolve_origin(cfg)
     cfg = origin.cfg
     session = build(cfg, devices, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer,
                     teacher_cfg=origin.teacher_cfg)
-    lead = jax.process_index() == 0
-    guards.check_room(run_dir, session.abstract_state)
-    if lead:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        session.data.tokenizer.save(run_dir)  # the run is self-contained: its tokenizer travels with it
+    guards.check_room(run_dir, session.abstract_state, "run.dir", "one checkpoint of this state")
+    if cfg.lineage.dir:
+        guards.check_room(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), session.abstract_state.params,
+                          "lineage.dir", "one version of these params")
+    if stop.signal:
+        return None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
-    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if lead else None
-    meta = {"config": config_to_dict(cfg)}
+    with session.activate(), guards.exit_on_lost_peer():
+        latest = resume.resume_point(ckpt, log)
+        changes, new = resume.config_changes(ckpt, latest, cfg, allow) if latest is not None else ([], [])
+        state = _first_state(cfg, session, origin, ckpt, latest, log)
+        if jax.process_index() == 0:  # only now: a refused resume leaves the run's record as it was
+            with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+            session.data.tokenizer.save(run_dir)  # the run is self-contained: its tokenizer travels with it
+        for c in new:
+            log(f"config change on resume at step {c['step']}: {c['key']} {c['from']} -> {c['to']}")
+    if stop.signal:
+        ckpt.close()
+        return None
+    return _Started(cfg, origin, session, ckpt, state, {"config": config_to_dict(cfg), "config_changes": changes})
 
+
+def _first_state(cfg: Config, session: Session, origin: Any, ckpt: Checkpointer, latest: int | None,
+                 log: Callable[[str], None]) -> TrainState:
+    """The checkpoint's state (checked finite), else the origin version's params, else a fresh init."""
+    if latest is not None:
+        state = resume.restore(ckpt, latest, session.abstract_state)
+        log(f"resumed from {ckpt.directory / str(latest)}")
+    elif origin.load_params is not None:
+        target = session.abstract_state.params
+        params = origin.load_params(target["base"] if cfg.continual.lora.rank else target)
+        ref = origin.load_ref(params, session.abstract_state.ref)
+        opt_state = origin.load_opt_state(session.abstract_state.opt_state) if cfg.optimizer.carry_state else None
+        state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)
+        kind = strategy.describe(cfg, session.groups, None)["kind"]
+        log(f"starting from {origin.description} (strategy: {kind})")
+    else:
+        state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
+    if jax.process_index() == 0:
+        log(f"devices={jax.device_count()} processes={jax.process_count()} mesh={dict(session.mesh.shape)} "
+            f"params={count_params(state.params):,} steps {int(state.step)}->{cfg.train.steps}")
+    return state
+
+
+def _run(started: _Started, on_step: Callable[[int], None] | None, log: Callable[[str], None],
+         stop: StopFlag) -> dict[str, Any]:
+    """Train from the started state to `train.steps` (or a stop signal), then publish."""
+    cfg, session, ckpt, state = started.cfg, started.session, started.ckpt, started.state
+    lead = jax.process_index() == 0
+    logger = MetricsLogger(os.path.abspath(cfg.run.dir), tensorboard=cfg.logging.tensorboard) if lead else None
     # A process of a multi-process job died: one error line and exit 3 instead of a hang then SIGABRT.
-    with session.activate(), guards.StopFlag() as stop, ThreadPoolExecutor(1) as prefetch, \
-            guards.exit_on_lost_peer():
-        latest = guards.resume_point(ckpt, log)
-        if latest is not None:
-            try:
-                state, _ = ckpt.restore(latest, session.abstract_state)
-            except CheckpointError as e:
-                raise CheckpointError(f"{e}; {guards.intact_hint(ckpt, latest)}") from None
-            log(f"resumed from {ckpt.directory / str(latest)}")
-        elif origin.load_params is not None:
-            target = session.abstract_state.params
-            params = origin.load_params(target["base"] if cfg.continual.lora.rank else target)
-            ref = origin.load_ref(params, session.abstract_state.ref)
-            opt_state = origin.load_opt_state(session.abstract_state.opt_state) if cfg.optimizer.carry_state else None
-            state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)
-            kind = strategy.describe(cfg, session.groups, None)["kind"]
-            log(f"starting from {origin.description} (strategy: {kind})")
-        else:
-            state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
-        start = int(state.step)
-        if lead:
-            log(f"devices={jax.device_count()} processes={jax.process_count()} mesh={dict(session.mesh.shape)} "
-                f"params={count_params(state.params):,} steps {start}->{cfg.train.steps}")
-
-        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (lead and cfg.logging.progress),
-                   dynamic_ncols=True, unit="step")
-        pending: list[tuple[int, dict]] = []
-        watch = guards.NonFiniteWatch(cfg.train, session.leaf_groups, int(state.skipped))
-        eval_loss, evals = None, None
-        t_last, n_tokens = time.perf_counter(), 0.0
-        next_batch = prefetch.submit(session.batch, start)
-        step = start
+    with session.activate(), ThreadPoolExecutor(1) as prefetch, guards.exit_on_lost_peer():
         try:
-            while step < cfg.train.steps:
-                batch = next_batch.result()
-                if step + 1 < cfg.train.steps:
-                    next_batch = prefetch.submit(session.batch, step + 1)
-                state, metrics = session.step_fn(state, batch)
-                step += 1
-                pending.append((step, metrics))
-                bar.update(1)
-                if on_step is not None:
-                    on_step(step)
-
-                at_end = step == cfg.train.steps
-                if step % cfg.logging.every == 0 or at_end:
-                    fetched = jax.device_get(pending)  # the loop's one host sync, every logging.every steps
-                    pending.clear()
-                    now = time.perf_counter()
-                    n_tokens = sum(m["tokens"] for _, m in fetched)
-                    tok_s = n_tokens / max(now - t_last, 1e-9)
-                    t_last = now
-                    for s, m in fetched:
-                        bad_leaves = m.pop("nonfinite_leaves")
-                        if logger:
-                            logger.write(s, m)
-                        watch.check(s, m, bad_leaves, log)
-                    bar.set_postfix(loss=f"{fetched[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-                    if logger:
-                        logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
-                if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
-                    evals = session.evaluate(state.params)
-                    eval_loss = evals["loss"]
-                    if logger:
-                        logger.write(step, evals, prefix="eval")
-                        logger.write(step, {f"{k}_tokens": v for k, v in session.data.tokens_seen(step).items()},
-                                     prefix="data")
-                    if lead:
-                        per_source = ", ".join(f"{k.removesuffix('/loss')} {v:.4f}" for k, v in evals.items()
-                                               if k != "loss")
-                        bar.write(f"step {step}: eval loss {eval_loss:.4f} ({per_source})")
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
-                    ckpt.save(step, state, meta, force=True)
-                if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
-                    ckpt.save(step, state, meta, force=True)
-                    log(f"stopping on signal at step {step}; checkpoint saved")
-                    break
+            state, step, evals = _loop(started, prefetch, logger, on_step, log, stop)
         finally:  # in-flight async saves complete (or fail loudly) before the process goes on or exits
-            bar.close()
             ckpt.close()
         version = None
         if step == cfg.train.steps and stop.signal is None:
             evals = evals if evals is not None else session.evaluate(state.params)
-            version = _publish(cfg, session, origin, state, evals, log)
+            version = _publish(cfg, session, started.origin, state, evals, log, started.meta["config_changes"])
     if logger:
         logger.close()
-    return {"step": step, "eval_loss": eval_loss, "state": state, "interrupted": stop.signal is not None,
-            "tokens_seen": session.data.tokens_seen(step), "data": session.data.describe(), "version": version}
+    return {"step": step, "eval_loss": evals["loss"] if evals else None, "state": state,
+            "interrupted": stop.signal is not None, "tokens_seen": session.data.tokens_seen(step),
+            "data": session.data.describe(), "version": version}
+
+
+def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger | None,
+          on_step: Callable[[int], None] | None, log: Callable[[str], None],
+          stop: StopFlag) -> tuple[TrainState, int, dict[str, float] | None]:
+    """The training loop: step, log every `logging.every`, evaluate, checkpoint, stop on a signal."""
+    cfg, session, ckpt, state, meta = started.cfg, started.session, started.ckpt, started.state, started.meta
+    lead = jax.process_index() == 0
+    step = int(state.step)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (lead and cfg.logging.progress),
+               dynamic_ncols=True, unit="step")
+    pending: list[tuple[int, dict]] = []
+    watch = guards.NonFiniteWatch(cfg.train, session.leaf_groups, int(state.skipped))
+    evals = None
+    t_last = time.perf_counter()
+    next_batch = prefetch.submit(session.batch, step)
+    try:
+        while step < cfg.train.steps:
+            batch = next_batch.result()
+            if step + 1 < cfg.train.steps:
+                next_batch = prefetch.submit(session.batch, step + 1)
+            state, metrics = session.step_fn(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+
+            at_end = step == cfg.train.steps
+            if step % cfg.logging.every == 0 or at_end:
+                fetched = jax.device_get(pending)  # the loop's one host sync, every logging.every steps
+                pending.clear()
+                now = time.perf_counter()
+                tok_s = sum(m["tokens"] for _, m in fetched) / max(now - t_last, 1e-9)
+                t_last = now
+                for s, m in fetched:
+                    bad_leaves = m.pop("nonfinite_leaves")
+                    if logger:
+                        logger.write(s, m)
+                    watch.check(s, m, bad_leaves, log)
+                bar.set_postfix(loss=f"{fetched[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+                if logger:
+                    logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
+            if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
+                evals = _evaluate(session, state, step, logger, bar)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
+                ckpt.save(step, state, meta, force=True)
+            if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
+                ckpt.save(step, state, meta, force=True)
+                log(f"stopping on signal at step {step}; checkpoint saved")
+                break
+    finally:
+        bar.close()
+    return state, step, evals
+
+
+def _evaluate(session: Session, state: TrainState, step: int, logger: MetricsLogger | None, bar: tqdm
+              ) -> dict[str, float]:
+    evals = session.evaluate(state.params)
+    if logger:
+        logger.write(step, evals, prefix="eval")
+        logger.write(step, {f"{k}_tokens": v for k, v in session.data.tokens_seen(step).items()}, prefix="data")
+    if jax.process_index() == 0:
+        per_source = ", ".join(f"{k.removesuffix('/loss')} {v:.4f}" for k, v in evals.items() if k != "loss")
+        bar.write(f"step {step}: eval loss {evals['loss']:.4f} ({per_source})")
+    return evals

@@ -251,9 +251,11 @@ def version_id_for(cfg: Config) -> str:
 
 def publish_run(cfg: Config, origin: Origin, params: Any, steps: int, tokenizer: Tokenizer, *, data: dict[str, Any],
                 tokens_seen: dict[str, int], metrics: dict[str, Any], strategy: dict[str, Any] | None = None,
-                artifacts: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> str | None:
+                artifacts: dict[str, Any] | None = None, config_changes: list[dict[str, Any]] | None = None,
+                log: Callable[[str], None] = print) -> str | None:
     """Publish a finished run as a new version of `lineage.dir` (once: a restarted finished run does not
-    publish again). Returns the version id, or None without a lineage."""
+    publish again). Returns the version id, or None without a lineage. `config_changes`: what restarts
+    changed in the config, and at which step (the record's `config` is the final one)."""
     if not cfg.lineage.dir:
         return None
     run_dir = os.path.abspath(cfg.run.dir)
@@ -269,7 +271,7 @@ def publish_run(cfg: Config, origin: Origin, params: Any, steps: int, tokenizer:
     lineage.publish(vid, params, cfg.model, tokenizer, parents=origin.parents, config=config_to_dict(cfg),
                     data={**data, "tokens_seen": tokens_seen}, strategy=strategy or {"kind": "full"},
                     steps=steps, tokens=total, metrics=metrics, note=cfg.version.note, artifacts=artifacts,
-                    extra={"run_dir": run_dir, "origin": origin.description})
+                    extra={"run_dir": run_dir, "origin": origin.description, "config_changes": config_changes or []})
     if jax.process_index() == 0:
         with open(marker, "w", encoding="utf-8") as f:
             f.write(vid + "\n")

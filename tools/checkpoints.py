@@ -3,8 +3,9 @@
     python tools/checkpoints.py RUN_DIR      # one line per checkpoint; exit 1 if any is damaged
 
 A checkpoint is `intact` (every file matches its manifest), `unsealed` (committed, but the run stopped
-before writing the manifest: restorable, not verifiable) or `DAMAGED` with each problem listed. The
-trainer resumes only from an intact or unsealed newest checkpoint.
+before writing the manifest: Orbax's commit record is whole, so a resume restores it and refuses it if
+any array comes back non-finite) or `DAMAGED` with each problem listed. Nothing is written: the tool
+is safe beside a live run. The trainer resumes only from an intact or unsealed newest checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmadapt.checkpoint import Checkpointer
     from lmadapt.config import CheckpointConfig
-    from lmadapt.manifest import MANIFEST
+    from lmadapt.resume import checkpoint_problems, manifest_present
 
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     damaged = 0
@@ -35,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if not steps:
         print(f"{directory}: no complete checkpoints")
     for step in steps:
-        problems = ckpt.verify(step)
+        problems = checkpoint_problems(ckpt, step)
         if not problems:
-            print(f"{step}: intact")
-        elif len(problems) == 1 and problems[0].startswith(f"{MANIFEST}: missing"):
-            print(f"{step}: unsealed (no manifest: restorable, contents not verifiable)")
+            print(f"{step}: intact" if manifest_present(ckpt, step) else
+                  f"{step}: unsealed (no manifest; Orbax's commit record whole: restored if its arrays are finite)")
         else:
             damaged += 1
             print(f"{step}: DAMAGED")

@@ -1,0 +1,177 @@
+"""Whether, and from where, a run resumes: the newest checkpoint whose contents check out, trained with
+the config the restart asks for, restoring to a finite state. Anything else stops the run before its
+first step with one line naming the checkpoint, what is wrong with it and the newest one that is intact.
+
+A checkpoint is *sealed* when its MANIFEST.json (size and sha256 of every file) matches. One committed
+without a manifest (a synchronous save whose process died right after Orbax's commit, or a manifest
+deleted by hand) is restored only when Orbax's own commit record is whole and every array restores
+finite with its saved shape; a byte flipped in such a checkpoint that still decodes to finite numbers
+cannot be told from the real thing, which is why sealing is the rule and this the exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lmadapt.checkpoint import Checkpointer, CheckpointError
+from lmadapt.config import Config, ConfigError, config_to_dict, section_from_dict
+from lmadapt.manifest import MANIFEST, summary
+
+# Keys a restart may change without asking: where and how often things are logged, evaluated, saved and
+# published, how the job is laid out on devices, and implementation choices that compute the same math.
+RUNTIME_KEYS = ("logging", "eval", "checkpoint", "distributed", "mesh", "run.dir", "data.cache_dir", "lineage",
+                "version", "train.on_nonfinite", "train.max_nonfinite_in_a_row", "model.attention", "model.remat")
+# Keys no flag can change: the checkpoint's tensors or token ids mean something else under another value.
+FIXED_KEYS = ("model", "tokenizer")
+
+
+def resume_point(ckpt: Checkpointer, log: Callable[[str], None]) -> int | None:
+    """The newest checkpoint's step once its content check passes (process 0 checks, all processes agree),
+    or None for a fresh run. Damaged or unverifiable: CheckpointError naming it and an intact one."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    problems = checkpoint_problems(ckpt, latest) if jax.process_index() == 0 else []
+    if not problems and not manifest_present(ckpt, latest):
+        log(f"checkpoint {ckpt.directory / str(latest)} was committed but not sealed (no {MANIFEST}); "
+            f"restoring it only if every array comes back finite with its saved shape")
+    refused = bool(problems)
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refused:
+        detail = summary(problems) if problems else "see the log of process 0"
+        raise CheckpointError(f"checkpoint {ckpt.directory / str(latest)} is damaged: {detail}; not resuming from "
+                              f"it; {intact_hint(ckpt, latest)}")
+    return latest
+
+
+def checkpoint_problems(ckpt: Checkpointer, step: int) -> list[str]:
+    """What keeps checkpoint `step` from being restored (empty if nothing): its manifest's problems, or
+    for one without a manifest, what is missing from Orbax's commit record."""
+    problems = ckpt.verify(step)
+    if len(problems) == 1 and problems[0].startswith(f"{MANIFEST}: missing"):
+        return [f"it has no {MANIFEST}, and {p}" for p in commit_record_problems(ckpt.directory / str(step))]
+    return problems
+
+
+def manifest_present(ckpt: Checkpointer, step: int) -> bool:
+    return os.path.isfile(os.path.join(str(ckpt.directory / str(step)), MANIFEST))
+
+
+def commit_record_problems(step_dir: Any) -> list[str]:
+    """What is missing from Orbax's record of a committed step (empty if whole): its commit metadata with a
+    commit time, and the metadata of both items. An empty or hand-made step directory fails here."""
+    path = os.path.join(str(step_dir), "_CHECKPOINT_METADATA")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not record.get("commit_timestamp_nsecs"):
+            return ["Orbax's commit record _CHECKPOINT_METADATA has no commit time"]
+    except (OSError, ValueError) as e:
+        return [f"Orbax's commit record _CHECKPOINT_METADATA is unreadable ({getattr(e, 'strerror', None) or e})"]
+    missing = [p for p in ("state/_METADATA", "meta/metadata") if not os.path.isfile(os.path.join(str(step_dir), p))]
+    return [f"{missing[0]} is missing"] if missing else []
+
+
+def restore(ckpt: Checkpointer, step: int, abstract_state: Any) -> Any:
+    """Restore `step` and refuse it (CheckpointError, before any step runs) unless every floating array is
+    finite: a damaged file can decode to NaNs, and training on from them would only save more of them."""
+    try:
+        state, _ = ckpt.restore(step, abstract_state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {intact_hint(ckpt, step)}") from None
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)} restores non-finite values in {bad}; not "
+                              f"resuming from it; {intact_hint(ckpt, step)}")
+    return state
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The path of the first floating leaf of `tree` holding a NaN or Inf, or None."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    floats = [(path, x) for path, x in flat if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in floats]))
+    for (path, _), ok in zip(floats, finite, strict=True):
+        if not ok:
+            return jax.tree_util.keystr(path, simple=True, separator="/")
+    return None
+
+
+def intact_hint(ckpt: Checkpointer, step: int) -> str:
+    """What to do about checkpoint `step` that cannot be resumed: the newest earlier intact one, if any."""
+    earlier = ckpt.newest_intact(below=step)
+    if earlier is None:
+        return "no earlier checkpoint is intact"
+    return (f"checkpoint {earlier} is intact: move {ckpt.directory / str(step)} out of {ckpt.directory} and "
+            f"restart to resume from step {earlier}")
+
+
+def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[str] = ()
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Compare the config checkpoint `step` was trained with against `cfg`: (every change made on resume so
+    far, oldest first; those made now). Only runtime keys, `train.steps` upward and keys in `allow` may
+    change; any other change raises ConfigError listing the keys, before anything is written."""
+    meta = ckpt.read_meta(step)
+    saved, new = _flat(_normalised(meta.get("config", {}))), _flat(config_to_dict(cfg))
+    allow = [a.strip() for a in allow if a.strip()]
+    fixed = [a for a in allow if _under(a, FIXED_KEYS)]
+    if fixed:
+        raise ConfigError(f"--allow-config-change {','.join(fixed)}: {', '.join(FIXED_KEYS)} keys cannot change on "
+                          f"resume (the checkpoint's weights and token ids depend on them); start a new run.dir, e.g. "
+                          f"with init.from_run or from a published version")
+    changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k, _MISSING) != new.get(k, _MISSING))
+    allowed, refused = [], []
+    for key in changed:
+        old, now = saved.get(key, _MISSING), new.get(key, _MISSING)
+        upward = key == "train.steps" and isinstance(old, int) and isinstance(now, int) and now >= old
+        ok = upward or (_under(key, RUNTIME_KEYS) or _under(key, allow)) and not _under(key, FIXED_KEYS)
+        (allowed if ok else refused).append({"step": step, "key": key, "from": _show(old), "to": _show(now)})
+    if refused:
+        shown = "; ".join(f"{c['key']}: {c['from']} -> {c['to']}" for c in refused[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        open_keys = [c["key"] for c in refused if not _under(c["key"], FIXED_KEYS)]
+        way = ("model and tokenizer keys cannot change on resume (the checkpoint's tensors and token ids depend on "
+               "them): restore them or use a new run.dir" if len(open_keys) < len(refused) else
+               f"restore those values, use a new run.dir, or pass --allow-config-change {','.join(open_keys)}")
+        raise ConfigError(f"run.dir {cfg.run.dir}: the config differs from the one checkpoint {step} was trained "
+                          f"with: {shown}{more}; resuming would mix two runs: {way}")
+    earlier = [c for c in meta.get("config_changes", []) if isinstance(c, dict) and c.get("step") != step]
+    return [*earlier, *allowed], allowed
+
+
+_MISSING = "(not set)"
+
+
+def _normalised(raw: dict[str, Any]) -> dict[str, Any]:
+    """The saved config with today's defaults filled in, so a field added since it was saved is no change."""
+    try:
+        return config_to_dict(section_from_dict(Config, raw, "the checkpoint's config"))
+    except ConfigError:
+        return raw
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} or \
+            {prefix.rstrip("."): {}}
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if value is not _MISSING else value
+    return text if len(text) <= 60 else text[:57] + "..."
