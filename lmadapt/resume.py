@@ -148,6 +148,33 @@ def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[s
     return [*earlier, *allowed], allowed
 
 
+def data_changes(ckpt: Checkpointer, step: int, data: dict[str, Any], allow: Iterable[str] = ()) -> None:
+    """Refuse (ConfigError) to resume when what a source reads now differs from what checkpoint `step` was
+    trained on (a file edited, added to a glob or removed) or the tokenizer changed, unless `allow` names
+    `data.sources` (or `data`). Checkpoints saved before data fingerprints were recorded are not checked."""
+    saved = ckpt.read_meta(step).get("data")
+    if not isinstance(saved, dict) or _under("data.sources", [a.strip() for a in allow]):
+        return
+    now = data_fingerprints(data)
+    differ = sorted(name for name in saved.keys() | now.keys() if saved.get(name) != now.get(name))
+    if differ:
+        raise ConfigError(f"run.dir: what data source(s) {', '.join(differ)} read differs from what checkpoint {step} "
+                          f"was trained on (a file edited, added or removed, or another tokenizer); resuming would "
+                          f"train on other data than the record says. Restore the files, use a new run.dir, or pass "
+                          f"--allow-config-change data.sources")
+
+
+def data_fingerprints(data: dict[str, Any]) -> dict[str, str]:
+    """{source: digest of what it read (file sizes and hashes, reading rules), wherever the files lie now}
+    plus the tokenizer's, from a pipeline's `describe()`."""
+    out = {"(tokenizer)": json.dumps(data.get("tokenizer"), sort_keys=True, default=str)}
+    for name, src in data.get("sources", {}).items():
+        fp = dict(src.get("fingerprint", {}))
+        fp["files"] = [{k: v for k, v in f.items() if k != "path"} for f in fp.get("files", [])]
+        out[name] = json.dumps(fp, sort_keys=True, default=str)
+    return out
+
+
 _MISSING = "(not set)"
 
 

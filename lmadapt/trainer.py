@@ -264,6 +264,8 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     with session.activate(), guards.exit_on_lost_peer():
         latest = resume.resume_point(ckpt, log)
         changes, new = resume.config_changes(ckpt, latest, cfg, allow) if latest is not None else ([], [])
+        if latest is not None:
+            resume.data_changes(ckpt, latest, session.data.describe(), allow)
         state = _first_state(cfg, session, origin, ckpt, latest, log)
         if jax.process_index() == 0:  # only now: a refused resume leaves the run's record as it was
             with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -274,7 +276,8 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     if stop.signal:
         ckpt.close()
         return None
-    return _Started(cfg, origin, session, ckpt, state, {"config": config_to_dict(cfg), "config_changes": changes})
+    return _Started(cfg, origin, session, ckpt, state, {"config": config_to_dict(cfg), "config_changes": changes,
+                                                        "data": resume.data_fingerprints(session.data.describe())})
 
 
 def _first_state(cfg: Config, session: Session, origin: Any, ckpt: Checkpointer, latest: int | None,
@@ -286,6 +289,9 @@ def _first_state(cfg: Config, session: Session, origin: Any, ckpt: Checkpointer,
     elif origin.load_params is not None:
         target = session.abstract_state.params
         params = origin.load_params(target["base"] if cfg.continual.lora.rank else target)
+        bad = resume.first_nonfinite(params)
+        if bad is not None:  # training on would only spread them: refuse before the first step
+            raise ConfigError(f"{origin.description} has non-finite values in params/{bad}; not training from it")
         ref = origin.load_ref(params, session.abstract_state.ref)
         opt_state = origin.load_opt_state(session.abstract_state.opt_state) if cfg.optimizer.carry_state else None
         state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)

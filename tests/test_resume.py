@@ -103,6 +103,12 @@ def test_resume_refuses_a_changed_config_listing_the_keys(run, data_cache):
     assert line.endswith("--allow-config-change data.seed,optimizer.lr,train.seq_len")
     refused(run, data_cache, 2, "model.d_model=32", "--allow-config-change", "model.d_model",
             needles=("--allow-config-change model.d_model", "cannot change on resume"))
+    other = os.path.join(os.path.dirname(run), "other.txt")  # the same source name, other contents
+    with open(other, "w", encoding="utf-8") as f:
+        f.write("".join(f"line {i} of another corpus\n" for i in range(3000)))
+    refused(run, data_cache, 2, f"data.sources.0.path={other}", "--allow-config-change", "data.sources.0.path",
+            needles=("what data source(s) shakespeare read differs from what checkpoint 6 was trained on",
+                     "--allow-config-change data.sources"))
     with open(os.path.join(run, "config.yaml"), "rb") as f:
         assert f.read() == config_yaml
 
@@ -162,3 +168,23 @@ def test_sigterm_during_start_up_exits_zero_having_trained_nothing(tmp_path, dat
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
     with open(os.path.join(run_dir, RUN_LOCK), encoding="utf-8") as f:  # the holder, kept for the next refusal
         assert json.load(f)["pid"] > 0
+
+
+def test_starting_from_a_version_with_non_finite_params_is_refused(finished, tmp_path, data_cache):
+    from lmadapt.lineage import Lineage
+    from lmadapt.tokenizer import ByteTokenizer
+
+    cfg = load_config(os.path.join(finished, "config.yaml"))
+    session = build(cfg, devices=jax.devices()[:1])
+    ckpt = Checkpointer(os.path.join(finished, "checkpoints"), CheckpointConfig(), read_only=True)
+    state, _ = ckpt.restore(6, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), session.abstract_state))
+    ckpt.close()
+    params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), state.params)
+    lineage = str(tmp_path / "lineage")
+    Lineage(lineage).publish("bad", params, cfg.model, ByteTokenizer(), parents=[])
+    run_dir = str(tmp_path / "run")
+    rc, err = call(train.main, argv(run_dir, data_cache, f"lineage.dir={lineage}", "init.from_version=bad"))
+    assert rc == 2
+    assert_one_line(err.strip().splitlines()[-1], "error: ", "'bad'", "has non-finite values in params/",
+                    "not training from it")
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "3"))
