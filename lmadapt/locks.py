@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 
@@ -43,8 +44,14 @@ def holder(path: str) -> str:
 def exclusive(path: str, what: str) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing) for the body, or raise LockHeld at once
     naming `what` and the holder. Never blocks: a second job must not queue behind a live one."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a symlink planted at the lock's name must not redirect our writes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot open its lock file {path} ({e.strerror or e}); it must be a regular "
+                          f"file lmadapt can write") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what}: its lock file {path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
