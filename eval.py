@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         errors += (HFError,)
     try:
         if args.run:
-            cfg = load_config(os.path.join(args.run, "config.yaml"), args.overrides)
+            # The directory given, wherever the run was when it wrote its config (it may have been moved).
+            cfg = load_config(os.path.join(args.run, "config.yaml"), [f"run.dir={args.run}", *args.overrides])
             print(json.dumps(evaluate_run(cfg, args.step)))
             return 0
         if not (args.lineage or args.hf):
@@ -68,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
+    """Evaluate versions of a lineage (or an HF directory, imported on the fly) and write the report to --out.
+    A lineage that cannot be written (a read-only mount) is only read: the results go to --out, and one
+    warning says they could not be cached in it; without --out there is nowhere to write, so that is refused
+    before any work."""
     from lmadapt.config import ConfigError
     from lmadapt.lineage import Lineage
+    from lmadapt.lineage_metrics import unwritable
     from lmadapt.report import classification_rows, evaluate_versions, write_report
 
     if args.hf:
@@ -79,15 +85,19 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
         ckpt = open_hf(args.hf)  # first: a bad directory leaves no temporary lineage
         tokenizer = ckpt.require_tokenizer()
         lineage = Lineage(args.lineage or tempfile.mkdtemp(prefix="lmadapt-eval-"))
+        out_dir = _writable_out(args.out, lineage.directory, unwritable)
         versions = [import_root(lineage, args.hf, ckpt.load(), ckpt.config, tokenizer)]
     else:
         lineage = Lineage(args.lineage)
+        if not os.path.isdir(lineage.directory):
+            raise ConfigError(f"--lineage {args.lineage}: no such directory")
+        out_dir = _writable_out(args.out, lineage.directory, unwritable)
         if args.ancestry:
             versions = list(reversed(lineage.ancestry(args.ancestry)))
         else:
             versions = args.versions.split(",") if args.versions else lineage.ids()
         for v in versions:
-            lineage.record(v)  # a clear error for an unknown id before any work
+            lineage.record(v)  # a clear error for an unknown id or a damaged record before any work
     if not versions:
         raise ConfigError(f"lineage {lineage.directory} has no versions to evaluate")
     from lmadapt.stages import all_sources
@@ -104,7 +114,6 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
                              recompute=args.recompute, progress=sys.stderr.isatty())
     cls = classification_rows(lineage, versions, datasets, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                               max_examples=args.max_examples)
-    out_dir = args.out or os.path.join(lineage.directory, "eval")
     lm_names = [d.name for d in datasets if d.format != "classification"]
     paths = write_report(rows, out_dir, plot=args.plot, versions=versions, datasets=lm_names, classification=cls)
     with open(paths["markdown"], encoding="utf-8") as f:
@@ -118,6 +127,20 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
             print(f"[{v}] {prompt!r} -> {sample(lineage, v, prompt, args.max_new_tokens)!r}")
     print("wrote " + ", ".join(paths.values()))
     return 0
+
+
+def _writable_out(out: str | None, lineage_dir: str, unwritable) -> str:
+    """The report's folder: --out, else <lineage>/eval; refused (before any work) when it cannot be written."""
+    from lmadapt.config import ConfigError
+
+    target = out or os.path.join(lineage_dir, "eval")
+    why = unwritable(target)
+    if why and not out:
+        raise ConfigError(f"the report would go to {target} (the default --out), but {why}: pass --out DIR to "
+                          f"write it elsewhere")
+    if why:
+        raise ConfigError(f"--out {out}: cannot write the report there: {why}")
+    return target
 
 
 def sample(lineage, version: str, prompt: str, max_new_tokens: int) -> str:
@@ -143,28 +166,45 @@ def sample(lineage, version: str, prompt: str, max_new_tokens: int) -> str:
 
 
 def evaluate_run(cfg, step: int | None) -> dict:
-    """Restore `step` (or the latest) of the run `cfg.run.dir` and return its held-out loss."""
+    """Restore `step` (or the latest) of the run `cfg.run.dir` and return its held-out loss.
+
+    A reader of a run that may be live: its checkpoints are opened read-only (nothing is created or
+    cleaned up, so the run's in-flight saves are untouched), and the checkpoint is checked as a resume
+    would check it (manifest, else Orbax's commit record, and finite values) before it is scored."""
     import jax
 
-    from lmadapt.checkpoint import Checkpointer
+    from lmadapt import resume
+    from lmadapt.checkpoint import Checkpointer, CheckpointError
     from lmadapt.config import ConfigError
     from lmadapt.trainer import build, run_tokenizer
     from lmadapt.versioning import resolve_origin
 
-    origin = resolve_origin(cfg)
+    directory = os.path.join(os.path.abspath(cfg.run.dir), "checkpoints")
+    origin = resolve_origin(cfg, write=False)
     session = build(origin.cfg, tokenizer=run_tokenizer(os.path.abspath(cfg.run.dir)) or origin.tokenizer,
                     teacher_cfg=origin.teacher_cfg)
-    ckpt = Checkpointer(os.path.join(os.path.abspath(cfg.run.dir), "checkpoints"), cfg.checkpoint)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise ConfigError(f"run {cfg.run.dir!r} has no checkpoints")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ConfigError(f"run {cfg.run.dir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
-    with session.activate():
-        state, _ = ckpt.restore(step, session.abstract_state)
-        losses = session.evaluate(state.params)
-    ckpt.close()
+    for attempt in range(3):  # a live run's keep policy may delete the newest-but-N checkpoint as it is read
+        ckpt = Checkpointer(directory, cfg.checkpoint, read_only=True) if os.path.isdir(directory) else None
+        steps = ckpt.all_steps() if ckpt else []
+        if not steps:
+            raise ConfigError(f"run {cfg.run.dir!r} has no checkpoints")
+        chosen = max(steps) if step is None else step
+        if chosen not in steps:
+            raise ConfigError(f"run {cfg.run.dir!r} has no checkpoint at step {chosen}; it has {sorted(steps)}")
+        problems = resume.checkpoint_problems(ckpt, chosen)
+        try:
+            if problems:
+                raise CheckpointError(f"checkpoint {ckpt.directory / str(chosen)} is damaged: {problems[0]}; not "
+                                      f"scoring it")
+            with session.activate():
+                losses = session.evaluate(resume.restore(ckpt, chosen, session.abstract_state).params)
+            break
+        except CheckpointError as e:  # damaged or non-finite, said in one line
+            if step is not None or os.path.isdir(ckpt.directory / str(chosen)) or attempt == 2:
+                raise ConfigError(str(e)) from None
+        finally:
+            ckpt.close()
+    step = chosen
     if jax.process_index() != 0:
         return {}
     per_source = {k.removesuffix("/loss"): {"loss": v, "perplexity": math.exp(min(v, 50.0))}

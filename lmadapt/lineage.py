@@ -10,23 +10,24 @@
       metrics/<id>.json            evaluation results added later (the version itself never changes)
 
 A version is written into `.staging/<id>.<nonce>` and renamed into `versions/<id>` in one step, so a
-crash leaves no half version, an id that exists is refused before anything is written, and of two
-processes publishing one id at once exactly one succeeds (the rename onto a non-empty directory fails).
-Reading a version first checks its manifest: a damaged file, a pickle or a symlink out of the lineage
-stops the read with an error naming the file.
+crash leaves no half version and an id that exists is refused before anything is written. One job at a
+time publishes an id: `.staging/<id>.lock` (flock, naming its holder) is taken before anything is written,
+and the rename onto a non-empty directory stays the last defence. A disk without room is refused first; a
+write that fails midway removes its staging copy. Reading a version first checks its manifest: a damaged
+file, a pickle or a symlink out of the lineage stops the read with an error naming the file. Records are
+checked for their required fields when read, and the parent links for loops and missing versions when
+walked, published and verified (`lineage_records`). Cached eval results (`metrics/`) count only for the
+params they were computed from (`lineage_metrics`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
-import json
 import os
-import re
-import secrets
-import shutil
-import socket
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,27 +35,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lmadapt import manifest
+from lmadapt import lineage_metrics, lineage_publish, lineage_records, locks, manifest
 from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
+from lmadapt.lineage_records import VERSION_ID, LineageError, check_version_id
 from lmadapt.model import stack_layers, unstack_layers
 from lmadapt.tokenizer import Tokenizer, load_tokenizer
 
-VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+__all__ = ["VERSION_ID", "Lineage", "LineageError", "check_version_id", "params_hash"]
 RECORD, MANIFEST = "record.json", manifest.MANIFEST
-OWNER = "owner.json"  # in a staging directory: which host and process is writing it
-
-
-class LineageError(ValueError):
-    """A lineage operation cannot be done; the message names the version and the reason."""
-
-
-def check_version_id(version_id: str) -> str:
-    """Version ids name directories: letters, digits, '_', '-', '.', no path separators, no '..'."""
-    if not isinstance(version_id, str) or not VERSION_ID.fullmatch(version_id) or ".." in version_id:
-        raise LineageError(f"version id {version_id!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', "
-                           f"starting with a letter or digit, without '..'")
-    return version_id
 
 
 def params_hash(params: Any) -> str:
@@ -94,29 +83,71 @@ class Lineage:
         return os.path.isfile(os.path.join(self.path(version_id), RECORD))
 
     def ids(self) -> list[str]:
-        """Every published version, oldest first."""
+        """Every published version, oldest first (versions whose record is damaged last, by id: listing a
+        lineage must not fail because one record is bad)."""
+        ids = self._listed()
+
+        def created(vid: str) -> tuple[int, str, str]:
+            try:
+                return 0, self.record(vid)["created"], vid
+            except LineageError:
+                return 1, "", vid
+
+        return sorted(ids, key=created)
+
+    def _listed(self) -> set[str]:
+        """The ids of `versions/` that hold a record, unread and unsorted."""
         root = os.path.join(self.directory, "versions")
         if not os.path.isdir(root):
-            return []
-        ids = [v for v in os.listdir(root) if os.path.isfile(os.path.join(root, v, RECORD))]
-        return sorted(ids, key=lambda v: (self.record(v)["created"], v))
+            return set()
+        return {v for v in os.listdir(root) if VERSION_ID.fullmatch(v) and ".." not in v
+                and os.path.isfile(os.path.join(root, v, RECORD))}
 
     def record(self, version_id: str) -> dict[str, Any]:
-        """The version's JSON record (raises LineageError naming the lineage if there is no such version)."""
+        """The version's JSON record, checked to hold every required field with the right type; raises
+        LineageError naming the lineage if there is no such version, or the file and field if it is damaged."""
         path = os.path.join(self.path(version_id), RECORD)
         if not os.path.isfile(path):
             known = ", ".join(self.ids()[-10:]) if os.path.isdir(os.path.join(self.directory, "versions")) else ""
             raise LineageError(f"lineage {self.directory}: no version {version_id!r}"
                                + (f" (latest: {known})" if known else " (the lineage is empty)"))
-        try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError) as e:
-            raise LineageError(f"{path}: unreadable record ({e}); `tools/lineage.py verify {version_id}` checks "
-                               f"the version") from None
-        if not isinstance(record, dict):
-            raise LineageError(f"{path}: the record is not a JSON object")
-        return record
+        return lineage_records.check_record(lineage_records.read_json_object(path), path, version_id)
+
+    def survey(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+        """(records that read, problems per version) over the whole lineage: damaged records, parents not in
+        the lineage, loops of parent links. For listings that must show the healthy versions beside bad ones."""
+        records, problems = {}, {}
+        for vid in self.ids():
+            try:
+                records[vid] = self.record(vid)
+            except LineageError as e:
+                problems[vid] = [str(e)]
+        parents_of = self._parents_or_none(records)
+        for vid in records:
+            found = lineage_records.graph_problems(vid, set(records) | set(problems), parents_of)
+            if found:
+                problems[vid] = found
+        return records, problems
+
+    def graph_problems(self, version_id: str) -> list[str]:
+        """What is wrong with a version's parent links: parents not in the lineage, a loop through it."""
+        return lineage_records.graph_problems(version_id, self._listed(), self._parents_or_none())
+
+    def _parents_or_none(self, records: dict[str, dict[str, Any]] | None = None
+                         ) -> Callable[[str], list[str] | None]:
+        """A version's parents, or None where it is missing or its record is damaged (graph walks stop there);
+        each record is read once per walk."""
+        known: dict[str, list[str] | None] = {} if records is None else {v: r["parents"] for v, r in records.items()}
+
+        def parents_of(vid: str) -> list[str] | None:
+            if vid not in known and records is None:
+                try:
+                    known[vid] = self.record(vid)["parents"] if self.exists(vid) else None
+                except LineageError:
+                    known[vid] = None
+            return known.get(vid)
+
+        return parents_of
 
     def check_intact(self, version_id: str) -> None:
         """Raise LineageError naming the first damaged, missing, added or untrusted file of a version
@@ -142,9 +173,19 @@ class Lineage:
         return list(self.record(version_id)["parents"])
 
     def ancestry(self, version_id: str) -> list[str]:
-        """The version and its first-parent chain back to a root, newest first."""
+        """The version and its first-parent chain back to a root, newest first. A chain that loops or names
+        a version not in the lineage raises LineageError naming the versions (it never loops forever)."""
         chain = [version_id]
         while parents := self.parents(chain[-1]):
+            if parents[0] in chain:
+                loop = chain[chain.index(parents[0]):] + [parents[0]]
+                raise LineageError(f"lineage {self.directory}: the ancestry of {version_id!r} never reaches a root: "
+                                   f"{lineage_records.describe_cycle(loop)}; `tools/lineage.py --dir "
+                                   f"{self.directory} verify` lists the problems")
+            if not self.exists(parents[0]):
+                who = repr(chain[-1]) + (f" (an ancestor of {version_id!r})" if len(chain) > 1 else "")
+                raise LineageError(f"lineage {self.directory}: version {who} names parent {parents[0]!r}, which is "
+                                   f"not in the lineage")
             chain.append(parents[0])
         return chain
 
@@ -189,14 +230,17 @@ class Lineage:
             _check_same_tree(ckptr.metadata(path).item_metadata, target, f"artifact {name!r} of {version_id!r}")
             return ckptr.restore(path, target)
 
-    def metrics(self, version_id: str) -> dict[str, Any]:
-        """Evaluation results added after publishing (keyed by dataset fingerprint), plus the record's own."""
-        path = os.path.join(self.directory, "metrics", f"{check_version_id(version_id)}.json")
-        later = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                later = json.load(f)
-        return {**self.record(version_id).get("metrics", {}), **later}
+    def metrics(self, version_id: str, *, quiet: bool = False) -> dict[str, Any]:
+        """The record's own metrics, plus evaluation results added after publishing (keyed by dataset
+        fingerprint) that were computed from this version's params; a damaged metrics file or entry is
+        skipped with a warning on stderr (unless `quiet`), never an error."""
+        record = self.record(version_id)
+        later = lineage_metrics.usable_entries(self.metrics_path(version_id), record["params_hash"], quiet=quiet)
+        return {**record.get("metrics", {}), **later}
+
+    def metrics_path(self, version_id: str) -> str:
+        """Where evaluation results added after publishing go: `metrics/<id>.json`."""
+        return os.path.join(self.directory, "metrics", f"{check_version_id(version_id)}.json")
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -206,130 +250,116 @@ class Lineage:
                 note: str = "", artifacts: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write a new version atomically and return its record. Every process must call it (Orbax saves
-        are collective); process 0 writes the small files and commits. An existing id is an error."""
+        are collective); process 0 writes the small files and commits. An existing id, a parent not in the
+        lineage or with a damaged record, a loop of parent links, a disk without room, and another job
+        publishing the same id are errors raised before anything is written; a write that fails midway
+        (disk full, I/O error) removes what it wrote and raises LineageError."""
+        self._check_publishable(version_id, parents)
+        for name in artifacts or {}:
+            check_version_id(name)
+        lineage_publish.check_room(self.directory, [params, *(artifacts or {}).values()], version_id)
+        lead = jax.process_index() == 0
+        lock = os.path.join(self.directory, ".staging", f"{version_id}.lock")
+        try:
+            if lead:
+                os.makedirs(os.path.dirname(lock), exist_ok=True)
+            with locks.exclusive_for_job(lock, f"version {version_id!r} of lineage {self.directory}"):
+                self._check_publishable(version_id, parents)  # again: another job may have committed it meanwhile
+                record = {
+                    "id": version_id, "parents": list(parents),
+                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+                    "note": note, "model": dataclasses.asdict(model), "tokenizer": tokenizer.fingerprint,
+                    "config": config or {}, "data": data or {}, "strategy": strategy or {}, "steps": int(steps),
+                    "tokens": int(tokens), "metrics": metrics or {}, "params_hash": params_hash(params),
+                    "artifacts": sorted(artifacts or {}), **(extra or {}),
+                }
+                lineage_publish.stage_and_commit(self.directory, self.path(version_id), version_id, params,
+                                                 artifacts or {}, tokenizer, record)
+                if lead:  # committed: a failure to tidy up must not report the publish as failed
+                    # Safe while held: a job that opened the old file is refused by the existence check above.
+                    with contextlib.suppress(OSError):
+                        os.remove(lock)
+        except locks.LockHeld:
+            raise LineageError(f"version {version_id!r} is being published to lineage {self.directory} by "
+                               f"{locks.holder(lock)} (lock {lock}); one writer per version: wait for it to finish "
+                               f"or choose another version.id") from None
+        except LineageError:
+            raise
+        except Exception as e:
+            reason = lineage_publish.os_failure(e)
+            if reason is None:
+                raise
+            raise LineageError(f"version {version_id!r} could not be written to lineage {self.directory}: {reason}; "
+                               f"nothing was published") from None
+        return record
+
+    def _check_publishable(self, version_id: str, parents: list[str]) -> None:
         check_version_id(version_id)
+        if not isinstance(parents, list | tuple) or not all(isinstance(p, str) for p in parents):
+            raise LineageError(f"parents of {version_id!r}: {parents!r}, expected a list of version ids")
         for p in parents:
             if not self.exists(p):
                 raise LineageError(f"parent version {p!r} of {version_id!r} is not in lineage {self.directory}")
-        final = self.path(version_id)
-        if os.path.exists(final):
+            self.record(p)  # a damaged parent record is named before anything is written
+        if os.path.exists(self.path(version_id)):
             raise LineageError(f"version {version_id!r} already exists in lineage {self.directory}; versions are "
                                f"written once: choose another version.id")
-        lead = jax.process_index() == 0
-        # A staging directory of its own per publish (the nonce is shared by the job's processes), so two
-        # jobs publishing at once never write into one directory.
-        staging = os.path.join(self.directory, ".staging", f"{version_id}.{_shared_nonce():016x}")
-        if lead:
-            _remove_abandoned_staging(os.path.dirname(staging))
-            os.makedirs(staging)
-            _write_json(os.path.join(staging, OWNER), {"host": socket.gethostname(), "pid": os.getpid()})
-        _sync("lineage-staging")
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(staging, "params"), params)
-            for name, tree in (artifacts or {}).items():
-                check_version_id(name)
-                ckptr.save(os.path.join(staging, "artifacts", name), tree)
-            ckptr.wait_until_finished()
-        digest = params_hash(params)
-        record = {
-            "id": version_id, "parents": list(parents),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
-            "note": note, "model": dataclasses.asdict(model), "tokenizer": tokenizer.fingerprint,
-            "config": config or {}, "data": data or {}, "strategy": strategy or {}, "steps": int(steps),
-            "tokens": int(tokens), "metrics": metrics or {}, "params_hash": digest,
-            "artifacts": sorted(artifacts or {}), **(extra or {}),
-        }
-        failed = ""
-        if lead:
-            os.remove(os.path.join(staging, OWNER))
-            tokenizer.save(staging)
-            _write_json(os.path.join(staging, RECORD), record)
-            manifest.write(staging)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            try:
-                os.rename(staging, final)  # the commit: atomic, and refuses an existing non-empty target
-            except OSError as e:
-                shutil.rmtree(staging, ignore_errors=True)
-                failed = (f"version {version_id!r} was published to {final} by another process while this one was "
-                          f"writing it; this copy was discarded: choose another version.id" if os.path.exists(final)
-                          else f"version {version_id!r} could not be committed to {final}: {e}")
-        _sync("lineage-commit")
-        if failed:
-            raise LineageError(failed)
-        return record
+        # Only a version deleted by hand whose id comes back can close a loop; older loops are refused too.
+        known = self._parents_or_none()
+        cycle = lineage_records.first_cycle([version_id], lambda v: list(parents) if v == version_id else known(v))
+        if cycle:
+            raise LineageError(f"version {version_id!r} with parents {list(parents)} cannot be published to lineage "
+                               f"{self.directory}: {lineage_records.describe_cycle(cycle)}")
 
     def add_metrics(self, version_id: str, key: str, values: dict[str, Any]) -> None:
-        """Record evaluation results for a version under `key` (e.g. a dataset fingerprint)."""
-        current = self.metrics(version_id)
-        path = os.path.join(self.directory, "metrics", f"{check_version_id(version_id)}.json")
-        later = {k: v for k, v in current.items() if k not in self.record(version_id).get("metrics", {})}
-        later[key] = values
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_json(path, later)
+        """Record evaluation results for a version under `key` (e.g. a dataset fingerprint). The file's other
+        entries are kept as they are; a damaged file is not overwritten (LineageError), nor is a write that
+        fails (read-only or full disk: LineageError) left half done."""
+        self.record(version_id)
+        path = self.metrics_path(version_id)
+        try:
+            entries = lineage_metrics.read_entries(path)
+        except LineageError as e:
+            raise LineageError(f"{e}; it is not overwritten: remove it to cache results again") from None
+        entries[key] = values
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lineage_publish.write_json(path, entries)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(f"{path}.tmp{os.getpid()}")  # manifest.write_json's partial file
+            raise LineageError(f"{path}: cannot write ({e.strerror or e})") from None
 
     # -- checking ------------------------------------------------------------------------------
 
     def verify(self, version_id: str) -> list[str]:
         """Problems found in a version (empty if intact): files changed, missing or added since publishing,
-        pickle files or symlinks out of the lineage, and a params content hash that no longer matches."""
+        pickle files or symlinks out of the lineage, a damaged record, parents not in the lineage or a loop
+        of parent links through it, and a params content hash that no longer matches."""
         problems = manifest.check(self.path(version_id))
         try:
+            record = self.record(version_id)
+        except LineageError as e:
+            return [*problems, f"{RECORD}: {str(e).split(': ', 1)[-1]}"]
+        problems += self.graph_problems(version_id)
+        try:
             digest = params_hash(self.load_params(version_id, check=False))
-            if digest != self.record(version_id)["params_hash"]:
+            if digest != record["params_hash"]:
                 problems.append(f"params: content hash {digest[:19]}... differs from the record's "
-                                f"{self.record(version_id)['params_hash'][:19]}...")
+                                f"{record['params_hash'][:19]}...")
         except Exception as e:  # a damaged checkpoint may fail anywhere inside Orbax/TensorStore
             problems.append(f"params: cannot be read ({type(e).__name__}: {str(e)[:200]})")
         return problems
 
-
-def _shared_nonce() -> int:
-    """A random 64-bit number, the same on every process of the job."""
-    nonce = np.array(secrets.randbits(63), dtype=np.int64)
-    if jax.process_count() > 1:
-        nonce = multihost_utils.broadcast_one_to_all(nonce)
-    return int(nonce)
-
-
-def _remove_abandoned_staging(root: str) -> None:
-    """Delete staging directories left by publishes that crashed on this host (their process is gone);
-    those of live processes, or of other hosts, are left alone."""
-    if not os.path.isdir(root):
-        return
-    host = socket.gethostname()
-    for name in os.listdir(root):
-        try:
-            with open(os.path.join(root, name, OWNER), encoding="utf-8") as f:
-                owner = json.load(f)
-        except (OSError, ValueError):
-            continue  # being committed right now, or not ours to judge
-        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", 0))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def _write_json(path: str, obj: Any) -> None:
-    manifest.write_json(path, obj, default=_json_default)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+    def verify_metrics(self, only: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """(problems, notes) of the cached evaluation results under metrics/ (see lineage_metrics)."""
+        hashes = {}
+        for vid in self.ids():
+            try:
+                hashes[vid] = self.record(vid)["params_hash"]
+            except LineageError:
+                hashes[vid] = None
+        return lineage_metrics.check_metrics_dir(self.directory, hashes, only)
 
 
 def _check_same_tree(saved: Any, target: Any, what: str) -> None:

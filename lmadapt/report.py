@@ -2,7 +2,8 @@
 
 Used by `eval.py` and by a staged run (the quickstart): every version is scored on every dataset's
 held-out split; results are written as JSON, CSV and Markdown, added to each version's metrics in the
-lineage (keyed by dataset fingerprint, so a later evaluation reuses them), and drawn as a heatmap.
+lineage (keyed by dataset fingerprint and stamped with the params hash, so a later evaluation of the same
+params reuses them and one of other params under a reused id does not), and drawn as a heatmap.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lmadapt import lineage_metrics
 from lmadapt.config import ConfigError, SourceConfig
-from lmadapt.evaluate import classify, lm_scores
-from lmadapt.lineage import Lineage
+from lmadapt.data.sources import read_source
+from lmadapt.evaluate import classify, dataset_key, lm_scores
+from lmadapt.lineage import Lineage, LineageError
 
 LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"]
 
@@ -22,11 +25,18 @@ LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "toke
 def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
                       seq_len: int, batch_size: int, max_batches: int, val_fraction: float, seed: int,
                       cache_dir: str | None, recompute: bool = False, progress: bool = False,
-                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """One row per (version, dataset). Results already in the lineage for the same split are reused."""
+                      log: Callable[[str], None] = print, warn: Callable[[str], None] = lineage_metrics.warn,
+                      cache: bool = True) -> list[dict[str, Any]]:
+    """One row per (version, dataset). A result stored in the lineage is reused only when it was computed
+    from this version's params (params hash), on this split of these files (the key: dataset fingerprint,
+    tokenizer, val_fraction, seed), with this seq_len, batch size and number of batches. New results are
+    cached in the lineage unless `cache` is False; when that fails (a read-only or full disk, a damaged
+    metrics file) one warning says so and the rows are still returned."""
     from tqdm import tqdm
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    keys: dict[tuple[str, str], str] = {}  # (dataset, tokenizer fingerprint) -> key: read each source once
+    cacher = _Cacher(lineage, warn, cache)
     bar = tqdm(total=len(versions) * sum(s.format != "classification" for s in datasets), unit="eval",
                disable=not progress, leave=False)
     for vid in versions:
@@ -36,25 +46,69 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
                               f"{vid!r}; set train.seq_len<={model_cfg.max_seq_len}")
         params = None
         stored = lineage.metrics(vid)
+        want = {"params_hash": lineage.record(vid)["params_hash"], "tokenizer": tokenizer.fingerprint,
+                "seq_len": seq_len, "batch_size": batch_size, "max_batches": max_batches}
         for src in datasets:
             if src.format == "classification":
                 continue
             bar.update(1)
-            cached = [v for k, v in stored.items() if k.startswith(f"{src.name}:") and isinstance(v, dict)
-                      and v.get("seq_len") == seq_len and v.get("tokenizer") == tokenizer.fingerprint]
-            if cached and not recompute:
-                rows.append({"version": vid, **cached[-1]})
+            if (src.name, tokenizer.fingerprint) not in keys:
+                keys[src.name, tokenizer.fingerprint] = dataset_key(src, read_source(src).fingerprint, tokenizer,
+                                                                    val_fraction, seed)
+            key = keys[src.name, tokenizer.fingerprint]
+            if not recompute and _reusable(stored.get(key), want):
+                rows.append({"version": vid, **stored[key]})
                 continue
             if params is None:
                 params = lineage.load_params(vid, scan_layers=False)
             scores = lm_scores(params, _unscanned(model_cfg), tokenizer, src, seq_len=seq_len, batch_size=batch_size,
                                max_batches=max_batches, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir)
-            scores.update(seq_len=seq_len, tokenizer=tokenizer.fingerprint)
-            lineage.add_metrics(vid, scores["key"], scores)
+            scores.update(want)
+            cacher.add(vid, scores["key"], scores)
             rows.append({"version": vid, **scores})
             log(f"  {vid} on {src.name}: loss {scores['loss']:.4f}, {scores['bits_per_byte']:.3f} bits/byte")
     bar.close()
     return rows
+
+
+def _reusable(entry: Any, want: dict[str, Any]) -> bool:
+    """Whether a stored entry was computed as `want` says and holds the scores a row needs."""
+    return (isinstance(entry, dict) and all(entry.get(k) == v for k, v in want.items())
+            and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+                    for k in ("loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"))
+            and isinstance(entry.get("dataset"), str))
+
+
+class _Cacher:
+    """Stores results in the lineage. A lineage that cannot be written (read-only, full, not ours) is said once
+    and not tried again; a damaged metrics file is left alone (its version is not cached; `Lineage.metrics`
+    warned about it when it was read)."""
+
+    def __init__(self, lineage: Lineage, warn: Callable[[str], None], enabled: bool) -> None:
+        self.lineage, self.warn, self.enabled = lineage, warn, enabled
+        self.skipped: set[str] = set()
+
+    def add(self, version: str, key: str, values: dict[str, Any]) -> None:
+        if not self.enabled or version in self.skipped:
+            return
+        why = lineage_metrics.unwritable(os.path.dirname(self.lineage.metrics_path(version)))
+        try:
+            if why:
+                raise LineageError(why)
+            lineage_metrics.read_entries(self.lineage.metrics_path(version))
+        except LineageError as e:
+            if why:
+                self.warn(f"results not cached in lineage {self.lineage.directory}: {e}; they are in the report "
+                          f"only")
+                self.enabled = False
+            else:  # lineage.metrics has said so, in one line
+                self.skipped.add(version)
+            return
+        try:
+            self.lineage.add_metrics(version, key, values)
+        except LineageError as e:  # the write itself failed (a full disk): nothing half-written is left
+            self.warn(f"results not cached in lineage {self.lineage.directory}: {e}; they are in the report only")
+            self.enabled = False
 
 
 def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,

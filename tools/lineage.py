@@ -5,6 +5,9 @@
     python tools/lineage.py --dir LINEAGE tree
     python tools/lineage.py --dir LINEAGE diff A B
     python tools/lineage.py --dir LINEAGE verify [ID ...]          # exit 1 if anything was tampered with
+
+list, tree and show mark a version whose record is damaged, or whose parents are missing or loop, as
+DAMAGED and exit 1 after showing the others; diff and export refuse one (exit 2). Read commands never write.
     python tools/lineage.py --dir LINEAGE export ID --out DIR [--format hf|safetensors] [--dtype bfloat16]
                                                    [--max-shard-bytes N]
         # a LoRA version: also its PEFT adapter (for the parent version) in DIR/adapter [--peft-base PATH]
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,57 +31,103 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from lmadapt.lineage import Lineage, LineageError, check_version_id  # noqa: E402
+from lmadapt.lineage_records import read_json_object  # noqa: E402
 
 
 def cmd_list(lineage: Lineage, args: argparse.Namespace) -> int:
+    """Every version, oldest first; a damaged one is one line marked DAMAGED (exit 1, the others listed)."""
+    records, problems = lineage.survey()
     ids = lineage.ids()
     if not ids:
         print(f"lineage {lineage.directory} has no versions")
         return 0
     rows = [("id", "parents", "created", "steps", "tokens", "eval/loss", "note")]
     for vid in ids:
-        r = lineage.record(vid)
+        r = records.get(vid)
+        if r is None:  # unreadable: its id alone, then the problem, in the row below
+            rows.append((vid, "", "", "", "", "", ""))
+            continue
         loss = r.get("metrics", {}).get("eval/loss")
         rows.append((vid, ",".join(r["parents"]) or "-", r["created"][:19], str(r["steps"]), f"{r['tokens']:,}",
                      f"{loss:.4f}" if isinstance(loss, float) else "-", r.get("note", "")[:40]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        if row[0] in problems and row is not rows[0]:
+            line = f"{row[0].ljust(widths[0])}  DAMAGED: {_problems(lineage, problems[row[0]])}"
+        print(line)
+    return _damaged(lineage, problems)
+
+
+def _problems(lineage: Lineage, problems: list[str]) -> str:
+    """A version's problems on one line, paths relative to the lineage."""
+    return "; ".join(problems).replace(lineage.directory + os.sep, "")
+
+
+def _damaged(lineage: Lineage, problems: dict[str, list[str]]) -> int:
+    """Exit status of a listing: 1 (and one line on stderr) when versions were marked damaged."""
+    if not problems:
+        return 0
+    names = sorted(problems)
+    print(f"error: lineage {lineage.directory}: {len(names)} damaged version(s) ({', '.join(names[:5])}"
+          f"{', ...' if len(names) > 5 else ''}); `python tools/lineage.py --dir {lineage.directory} verify` lists "
+          f"every problem", file=sys.stderr)
+    return 1
 
 
 def cmd_show(lineage: Lineage, args: argparse.Namespace) -> int:
-    record = lineage.record(args.id)
+    """A version's record and metrics; a damaged record is shown as far as it reads, with exit 1."""
+    if not lineage.exists(args.id):
+        lineage.record(args.id)  # no such version: a usage error (exit 2)
+    try:
+        record = lineage.record(args.id)
+        problems = lineage.graph_problems(args.id)
+    except LineageError as e:
+        with contextlib.suppress(LineageError):  # show what there is: the operator must see what is wrong
+            print(json.dumps(read_json_object(os.path.join(lineage.path(args.id), "record.json")), indent=2))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     record = {**record, "metrics": lineage.metrics(args.id)}
     if not args.full:
         record["config"] = "(omitted; --full shows it)"
     print(json.dumps(record, indent=2))
-    return 0
+    return _damaged(lineage, {args.id: problems} if problems else {})
 
 
 def cmd_tree(lineage: Lineage, args: argparse.Namespace) -> int:
+    """The version graph by first parent; damaged versions are marked (exit 1) and parent loops shown once."""
+    records, problems = lineage.survey()
     ids = lineage.ids()
+    first = {v: (records[v]["parents"] or [None])[0] if v in records else None for v in ids}
     children: dict[str, list[str]] = {v: [] for v in ids}
-    roots = []
     for vid in ids:
-        parents = lineage.parents(vid)
-        if parents:
-            children.setdefault(parents[0], []).append(vid)
-        else:
-            roots.append(vid)
+        if first[vid] in children and first[vid] != vid:
+            children[first[vid]].append(vid)
+    # Roots first; what they do not reach (loops of parents, and what descends from them) after, each once.
+    starts = [v for v in ids if first[v] not in children or first[v] == v]
+    starts += [v for v in ids if v not in starts]
+    shown: set[str] = set()
+    for start in starts:
+        todo = [(start, "", True, True)]  # a stack, not recursion: a lineage can be longer than Python's limit
+        while todo:
+            vid, prefix, last, top = todo.pop()
+            if vid in shown:
+                continue
+            shown.add(vid)
+            label = _tree_label(lineage, vid, records.get(vid), problems.get(vid))
+            print(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+            kids = [k for k in children[vid] if k not in shown]
+            below = prefix if top else prefix + ("    " if last else "│   ")
+            todo += [(k, below, i == len(kids) - 1, False) for i, k in reversed(list(enumerate(kids)))]
+    return _damaged(lineage, problems)
 
-    def show(vid: str, prefix: str, last: bool, top: bool) -> None:
-        r = lineage.record(vid)
-        extra = f"  (+ parents {', '.join(r['parents'][1:])})" if len(r["parents"]) > 1 else ""
-        label = f"{vid}  steps={r['steps']} tokens={r['tokens']:,}{extra}"
-        print(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
-        kids = children.get(vid, [])
-        for i, kid in enumerate(kids):
-            show(kid, prefix if top else prefix + ("    " if last else "│   "), i == len(kids) - 1, False)
 
-    for root in roots:
-        show(root, "", True, True)
-    return 0
+def _tree_label(lineage: Lineage, vid: str, r: dict[str, Any] | None, problems: list[str] | None) -> str:
+    if r is None:
+        return f"{vid}  DAMAGED: {_problems(lineage, problems or [])}"
+    extra = f"  (+ parents {', '.join(r['parents'][1:])})" if len(r["parents"]) > 1 else ""
+    label = f"{vid}  steps={r['steps']} tokens={r['tokens']:,}{extra}"
+    return f"{label}  DAMAGED: {_problems(lineage, problems)}" if problems else label
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -142,31 +192,47 @@ def cmd_diff(lineage: Lineage, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(lineage: Lineage, args: argparse.Namespace) -> int:
-    bad = 0
+    """Recompute every file and params hash, check records and parent links, and look over metrics/:
+    exit 1 if anything is damaged. Stale cached results are notes (they are ignored, so harmless)."""
     for vid in args.ids:
-        lineage.record(vid)  # an unknown or malformed id is a usage error (exit 2), not a tampered version
+        if not lineage.exists(vid):
+            lineage.record(vid)  # an unknown or malformed id is a usage error (exit 2), not a tampered version
+    bad = 0
     for vid in args.ids or lineage.ids():
         problems = lineage.verify(vid)
         if problems:
             bad += 1
             print(f"{vid}: TAMPERED")
             for p in problems:
-                print(f"  {p}")
+                print(f"  {_problems(lineage, [p])}")
         else:
             print(f"{vid}: ok")
-    return 1 if bad else 0
+    problems, notes = lineage.verify_metrics(args.ids or None)
+    for p in problems:
+        name, _, what = p.partition(": ")
+        print(f"{name}: DAMAGED\n  {what}")
+    for n in notes:
+        print(f"note: {n}")
+    return 1 if bad or problems else 0
 
 
 def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
+    """A version as a Hugging Face directory or one safetensors file. Like save_pretrained, a missing --out
+    folder is created; nothing is ever overwritten; both are written aside and renamed into place."""
     from lmadapt import hf
-    from lmadapt.hf.common import check_empty_target, check_new_file
+    from lmadapt.hf.common import check_empty_target, check_new_file, make_parents, remove_made
 
     # Refuse an occupied target before reading the params (minutes for a large model).
-    (check_new_file if args.format == "safetensors" else check_empty_target)(args.out)
+    out = (check_new_file if args.format == "safetensors" else check_empty_target)(args.out)
     params = lineage.load_params(args.id, scan_layers=False)
     model = lineage.model_config(args.id)
     if args.format == "safetensors":
-        hf.save_safetensors_dump(args.out, params, args.dtype)
+        made = make_parents(out)
+        try:
+            hf.save_safetensors_dump(out, params, args.dtype)
+        except BaseException:
+            remove_made(made)
+            raise
     else:
         from lmadapt.peft_export import version_adapter
 
@@ -283,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](Lineage(args.dir), args)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system's refusal (read-only, full, permissions): one line, never a traceback
+        print(f"error: {e.filename or args.dir}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

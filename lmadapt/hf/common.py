@@ -53,6 +53,7 @@ def check_empty_target(directory: str) -> str:
     directory = os.path.realpath(os.path.expanduser(directory))
     if os.path.lexists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise HFError(f"{directory}: exists and is not an empty directory; refusing to overwrite")
+    _check_parent(directory)
     return directory
 
 
@@ -61,7 +62,46 @@ def check_new_file(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.lexists(path):
         raise HFError(f"{path}: exists; refusing to overwrite")
+    _check_parent(path)
     return path
+
+
+def _check_parent(path: str) -> None:
+    """Refuse a target whose folder cannot be made or written (a file where a folder is wanted, a read-only
+    disk) before any work; missing folders are fine: they are created, as save_pretrained does."""
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise HFError(f"{path}: {parent} is not a directory; cannot write there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HFError(f"{path}: {parent} is not writable")
+
+
+def make_parents(path: str) -> list[str]:
+    """Create the missing folders above `path`; return those created, outermost first (for `remove_made`)."""
+    missing, parent = [], os.path.dirname(path)
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    made = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+            made.append(folder)
+        except FileExistsError:  # made meanwhile by someone else: theirs, not ours to remove
+            pass
+    return made
+
+
+def remove_made(folders: list[str]) -> None:
+    """Remove folders `make_parents` created, innermost first, where they are still empty (after a failed
+    write: an export that did not happen leaves nothing behind)."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def make_staging_dir(directory: str) -> str:

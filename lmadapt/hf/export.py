@@ -30,7 +30,9 @@ from lmadapt.hf.common import (
     INDEX_FILE,
     HFError,
     check_empty_target,
+    make_parents,
     make_staging_dir,
+    remove_made,
     write_json,
 )
 from lmadapt.hf.configs import config_to_hf, generation_config
@@ -138,10 +140,9 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     pad_id = tokenizer.pad_id if tokenizer is not None else None
     config = config_to_hf(cfg, dtype, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     lead = jax.process_index() == 0
-    tmp = None
+    tmp, made = None, []
     if lead:
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
+        made = make_parents(directory)  # a missing --out folder is created, as save_pretrained does
         tmp = make_staging_dir(directory)
         umask = os.umask(0)
         os.umask(umask)
@@ -159,6 +160,7 @@ def export_hf(directory: str, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            remove_made(made)
         raise
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lmadapt-export-hf")
