@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+from lmadapt.paths import special_problem
 from lmadapt.tokenizer_base import (
     BYTES_FILE,
     EXPORT_SOURCE_FILE,
@@ -44,6 +45,11 @@ def load_hf_directory_tokenizer(directory: str) -> Tokenizer | None:
     a SentencePiece model takes its chat template from tokenizer_config.json; tokenizer.bytes is lmadapt's
     byte tokenizer. Files that are present but unusable raise TokenizerError naming them.
     """
+    for name in (HF_TOKENIZER_FILE, TOKENIZER_FILE, BYTES_FILE, EXPORT_SOURCE_FILE):
+        # A pipe or device named like a tokenizer file must not be skipped for the next kind (a wrong tokenizer)
+        # nor opened (a pipe blocks).
+        if (problem := special_problem(os.path.join(directory, name))) is not None:
+            raise TokenizerError(f"{os.path.join(directory, name)} {problem}")
     if os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
         return _exported_from(directory) or load_hf_tokenizer(directory)
     if os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
@@ -84,6 +90,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     """Load `path`: "bytes", a `.model` or `tokenizer.json` file, or a directory holding one (or tokenizer.bytes)."""
     if path == "bytes":
         return ByteTokenizer()
+    if (problem := special_problem(path)) is not None and problem != "is a directory, not a regular file":
+        raise TokenizerError(f"tokenizer {path!r} {problem.replace('regular file', 'regular file or directory')}")
     if os.path.isdir(path):
         tok = load_hf_directory_tokenizer(path)
         if tok is None:

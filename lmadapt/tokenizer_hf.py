@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
+from lmadapt.paths import file_problem, open_regular, special_problem
 from lmadapt.tokenizer_base import HF_CONFIG_FILE, HF_TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.47 saves a single chat template
@@ -201,6 +202,10 @@ def _read_json(path: str) -> dict[str, Any]:
 def read_tokenizer_config(directory: str) -> dict[str, Any]:
     """tokenizer_config.json of `directory` ({} if none), with special tokens missing from it taken from
     special_tokens_map.json and the chat template from chat_template.jinja, which transformers prefers."""
+    for name in (HF_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE):
+        # Skipping a pipe or device here would load the tokenizer without its special tokens or template.
+        if (problem := special_problem(os.path.join(directory, name))) is not None:
+            raise TokenizerError(f"{os.path.join(directory, name)} {problem}")
     path = os.path.join(directory, HF_CONFIG_FILE)
     config = _read_json(path) if os.path.isfile(path) else {}
     map_path = os.path.join(directory, SPECIAL_TOKENS_MAP_FILE)
@@ -217,9 +222,9 @@ def read_tokenizer_config(directory: str) -> dict[str, Any]:
 def load_hf_tokenizer(path: str) -> HFTokenizer:
     """Load a tokenizer.json (`path` is the file or a directory holding it) with the tokenizer_config.json beside it."""
     file = os.path.join(path, HF_TOKENIZER_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise TokenizerError(f"tokenizer file {file!r} not found")
-    with open(file, "rb") as f:
+    if (problem := file_problem(file)) is not None:
+        raise TokenizerError(f"tokenizer file {file!r} {problem}")
+    with open_regular(file, TokenizerError) as f:
         data = f.read()
     return HFTokenizer(data, read_tokenizer_config(os.path.dirname(os.path.abspath(file))), origin=file)
 

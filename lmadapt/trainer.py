@@ -220,12 +220,23 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
     guards.check_writable(run_dir, "run.dir")
     if cfg.lineage.dir:
         guards.check_writable(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), "lineage.dir")
+    fresh = not os.path.exists(run_dir)
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
+    lock = os.path.join(run_dir, RUN_LOCK)
     # One writer per run directory: a second job would interleave metrics and checkpoints silently.
-    with locks.exclusive_for_job(os.path.join(run_dir, RUN_LOCK), f"run.dir {run_dir}"), \
+    with locks.exclusive_for_job(lock, f"run.dir {run_dir}"), \
             contextlib.nullcontext(stop) if stop is not None else StopFlag() as stop:
-        started = _start(cfg, run_dir, devices, log, stop, allow_config_change)
+        try:
+            started = _start(cfg, run_dir, devices, log, stop, allow_config_change)
+        except BaseException:
+            if fresh and jax.process_index() == 0 and os.listdir(run_dir) == [RUN_LOCK]:
+                # Refused before writing anything: leave no run directory behind. (A job that opened the
+                # lock meanwhile was refused by it; one that comes later finds no directory and starts anew.)
+                os.remove(lock)
+                with contextlib.suppress(OSError):
+                    os.rmdir(run_dir)
+            raise
         if started is None:
             log(f"stopping on {stop.name} during start-up, before the first step; nothing was trained or saved")
             return {"step": None, "eval_loss": None, "state": None, "interrupted": True, "version": None}

@@ -6,14 +6,17 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
 
 from lmadapt.config.schema import Config, ConfigError
 from lmadapt.config.validation import validate
+from lmadapt.paths import file_problem, open_regular
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -26,30 +29,64 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, mo
 
     `models_from_versions`: the caller scores models that carry their own architecture (eval.py over a lineage),
     so the config's `model` section is not held against `train.seq_len`.
-    Raises ConfigError with one line naming the file, key, value and expectation.
+    Raises ConfigError with one line naming the file (or, for a key an override set, the override), key, value
+    and expectation.
     """
     raw: dict[str, Any] = {}
     origin = "<defaults>"
     if path is not None:
         origin = str(path)
         raw = _read_yaml_tree(os.fspath(path), seen=())
+    where = _Where(origin)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _parse_yaml(text) if text.strip() else None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{where.override(item)}: {e.describe(key.strip())}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
-        _set_dotted(raw, key.strip(), value, origin="command line")
-    cfg = _build(Config, raw, prefix="", origin=origin)
-    validate(cfg, origin, models_from_versions=models_from_versions)
+        where.overrides.append((key.strip(), item))
+        _set_dotted(raw, key.strip(), value, origin=where.override(item))
+    cfg = _build(Config, raw, prefix="", origin=where)
+    try:
+        validate(cfg, origin, models_from_versions=models_from_versions)
+    except ConfigError as e:
+        raise where.reattribute(e) from None
     return cfg
+
+
+class _Where:
+    """Who set a key: the config file, or the last command-line override that set it (or a section around it,
+    or a key inside it). Errors name that one, so a typo on the command line is not blamed on the file."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        self.overrides: list[tuple[str, str]] = []  # (dotted key, the override as given)
+
+    @staticmethod
+    def override(item: str) -> str:
+        return f"override {item!r} (command line)"
+
+    def __call__(self, key: str) -> str:
+        key = re.sub(r"\[(\d+)\]", r".\1", key)  # list items: `a.b[0]` is the override key `a.b.0`
+        for set_key, item in reversed(self.overrides):
+            if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+                return self.override(item)
+        return self.origin
+
+    def reattribute(self, e: ConfigError) -> ConfigError:
+        """A validation error (`<origin>: key 'k' ...`) renamed after whoever set k."""
+        match = re.match(re.escape(self.origin) + r": key '([^']*)'", str(e))
+        where = self(match.group(1)) if match else self.origin
+        return e if where == self.origin else ConfigError(where + str(e)[len(self.origin):])
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], origin: str = "<dict>", prefix: str = "") -> Any:
     """One config section (e.g. ModelConfig) from a plain dict, with the same checks as a YAML file."""
-    return _build(cls, raw, prefix=prefix, origin=origin)
+    return _build(cls, raw, prefix=prefix, origin=lambda _key: origin)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -58,16 +95,19 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
+    if (problem := file_problem(path)) is not None:
+        raise ConfigError(f"config file {path!r} {problem}")
     real = os.path.realpath(path)
     if real in seen:
         raise ConfigError(f"{path}: 'base' includes form a cycle")
+    with open_regular(path, ConfigError) as f:
+        blob = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = _parse_yaml(blob.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: {e.describe()}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -84,11 +124,61 @@ def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        if not os.path.isfile(base_path):  # name the including file too: the user edits that one
-            raise ConfigError(f"{path}: key 'base' has value {base!r}; config file {base_path!r} not found")
+        if (problem := file_problem(base_path)) is not None:  # name the including file too: the user edits that one
+            raise ConfigError(f"{path}: key 'base' has value {base!r}; config file {base_path!r} {problem}")
         _deep_merge(merged, _read_yaml_tree(base_path, seen + (real,)))
     _deep_merge(merged, data)
     return merged
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that holds a key twice, at 1-based `line` (first at `first`); `key` is its dotted path."""
+
+    def __init__(self, key: str, first: int, line: int):
+        super().__init__(key)
+        self.key, self.first, self.line = key, first, line
+
+    def describe(self, prefix: str = "") -> str:
+        """The problem in words; `prefix`: the override key the value was given for (one line: no line numbers)."""
+        key = f"{prefix}.{self.key}" if prefix else self.key
+        lines = "" if prefix or self.first == self.line else f" (lines {self.first} and {self.line})"
+        return f"key {key!r} appears twice{lines}; YAML would silently keep the last one: remove one"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding a key twice: safe_load keeps the last one without a word,
+    so `steps:` written twice (or a whole `train:` section) would drop settings the user believes are set."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _check_keys(node: yaml.Node, key: str, done: set[int]) -> None:
+    if id(node) in done:  # aliases share nodes: each is checked once (and a recursive alias ends)
+        return
+    done.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_keys(item, f"{key}.{i}" if key else str(i), done)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for k, v in node.value:
+            name = key
+            # `<<: *base` merges a mapping whose keys the explicit ones may override: that is no duplicate.
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                name = f"{key}.{k.value}" if key else k.value
+                if (k.tag, k.value) in first:
+                    raise _DuplicateKey(name, first[k.tag, k.value], k.start_mark.line + 1)
+                first[k.tag, k.value] = k.start_mark.line + 1
+            _check_keys(v, name, done)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def _yaml_problem(e: Exception) -> str:
@@ -130,15 +220,17 @@ def _set_dotted(raw: dict, key: str, value: Any, origin: str) -> None:
         node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, origin: Callable[[str], str]) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {raw!r}")
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{origin(section)}: key {section or '<root>'!r}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names, key=str)  # YAML keys may be ints or null too
     if unknown:
         key = prefix + str(unknown[0])
-        raise ConfigError(f"{origin}: unknown key {key!r} (known keys under {prefix.rstrip('.') or 'the top level'}: "
+        section = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{origin(key)}: unknown key {key!r} (known keys under {section}: "
                           f"{', '.join(sorted(names))})")
     kwargs = {}
     for name, value in raw.items():
@@ -162,9 +254,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(f"{origin}: key {key!r} has value {value!r}; expected {_type_name(hint)}")
+        return ConfigError(f"{origin(key)}: key {key!r} has value {value!r}; expected {_type_name(hint)}")
 
     org = typing.get_origin(hint)
     if org in (typing.Union, types.UnionType):
@@ -205,7 +297,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         if number is None:
             raise bad()
         if not math.isfinite(number):  # .inf / .nan would only surface as a diverged run, much later
-            raise ConfigError(f"{origin}: key {key!r} has value {value!r}; expected a finite number")
+            raise ConfigError(f"{origin(key)}: key {key!r} has value {value!r}; expected a finite number")
         return number
     if hint is str:
         if isinstance(value, str):

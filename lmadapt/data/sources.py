@@ -8,6 +8,7 @@ name and version); it keys the token cache and goes into the record of every mod
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -20,6 +21,7 @@ from typing import Any
 
 from lmadapt.config import SourceConfig
 from lmadapt.data import DataError
+from lmadapt.paths import Found, dir_problem, file_problem, open_regular, walk_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,31 +42,89 @@ class SourceRead:
 
 
 def list_files(pattern: str, what: str) -> list[str]:
-    """Files named by a path, a folder (recursively, sorted) or a glob; an error if there are none."""
+    """Files named by a path, a folder (recursively, sorted) or a glob; an error if there are none.
+
+    Each real file is listed once (the first path to it, in sorted order): a second symlink to a file, or a
+    symlink loop a folder walk or a `**` glob would go round, must not read the same text into both the train
+    and the held-out split. A pipe, device or socket among the matches is refused by name, never opened.
+    """
     # `{stdlib}`: the running Python's standard library, a code corpus present on every machine.
     expanded = os.path.expanduser(pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"]))
-    if os.path.isdir(expanded):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(expanded) for f in names
-                       if not f.startswith("."))
-    elif any(c in expanded for c in "*?["):
-        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
-    elif os.path.isfile(expanded):
-        files = [expanded]
-    else:
+    if dir_problem(expanded) is None:
+        found = [f for f in _walk(expanded, what) if not os.path.basename(f.path).startswith(".")]
+    elif glob.has_magic(expanded) and not os.path.lexists(expanded):
+        found = _glob(expanded, what)
+    elif (problem := file_problem(expanded)) is None:
+        found = [Found(expanded, os.path.realpath(expanded), None)]
+    elif problem == "not found":
         raise DataError(f"{what}: path {pattern!r} not found")
+    else:
+        raise DataError(f"{what}: path {pattern!r} {problem.replace('regular file', 'regular file or folder')}")
+    files, real = [], set()
+    for f in sorted(found):
+        if f.problem is not None:
+            raise DataError(f"{what}: {pattern!r} matches {f.path}, which {f.problem}")
+        if f.real not in real:
+            real.add(f.real)
+            files.append(f.path)
     if not files:
         raise DataError(f"{what}: {pattern!r} matches no files")
     return files
 
 
-def read_bytes(path: str) -> bytes:
-    """Raw bytes of a plain, .gz or .xz file."""
-    opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+def _walk(folder: str, what: str, hidden_folders: bool = True) -> list[Found]:
     try:
-        with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, lzma.LZMAError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+        return list(walk_files(folder, hidden_folders))
+    except OSError as e:
+        raise DataError(f"{what}: cannot list folder {e.filename or folder} ({e.strerror})") from None
+
+
+def _glob(pattern: str, what: str) -> list[Found]:
+    """Every non-directory a glob matches. A `**` pattern is matched on a walk of its fixed leading folder that
+    enters each real folder once: glob.glob follows symlinked folders, so a loop would repeat every file below
+    it dozens of times (and two loops, exponentially many)."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return [Found(p, os.path.realpath(p), file_problem(p)) for p in glob.glob(pattern)
+                if dir_problem(p) is not None]
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "")
+    if dir_problem(base or ".") is not None:
+        return []
+    # Paths relative to base are matched; with no fixed folder, they are also what is listed (as glob.glob).
+    start, rest = len(os.path.join(base or ".", "")), parts[fixed:]
+    hidden = any(part.startswith(".") for part in rest)  # else `*` and `**` never enter a ".*" folder
+    found = [f if base else f._replace(path=f.path[start:]) for f in _walk(base or ".", what, hidden)]
+    return [f for f in found if _glob_match(f.path[start if base else 0:].split(os.sep), rest)]
+
+
+def _glob_match(names: list[str], parts: list[str]) -> bool:
+    """Whether path components `names` match pattern components `parts` as glob.glob would: `*`, `?`, `[...]`
+    within one name, `**` for any number of folders, and no name starting with "." unless its part does."""
+    if not parts:
+        return not names
+    if parts[-1] != "**" and not (names and fnmatch.fnmatchcase(names[-1], parts[-1])):
+        return False  # most names fail on the last part: checked first, it saves the search
+    if parts[0] == "**":
+        return any(_glob_match(names[k:], parts[1:]) for k in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:k]))
+    return (bool(names) and (parts[0].startswith(".") or not names[0].startswith("."))
+            and fnmatch.fnmatchcase(names[0], parts[0]) and _glob_match(names[1:], parts[1:]))
+
+
+def read_bytes(path: str) -> bytes:
+    """Raw bytes of a plain, .gz or .xz file; a pipe, device or folder is refused without being opened."""
+    with open_regular(path, DataError) as raw:
+        try:
+            if path.endswith(".xz"):
+                with lzma.open(raw, "rb") as f:
+                    return f.read()
+            if path.endswith(".gz"):
+                with gzip.open(raw, "rb") as f:
+                    return f.read()
+            return raw.read()
+        except (OSError, lzma.LZMAError, EOFError) as e:
+            raise DataError(f"{path}: cannot read ({e})") from None
 
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 2**20  # data.max_document_bytes

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lmadapt.data import DataError
+from lmadapt.paths import dir_problem, walk_files
 
 # Records fetched per `__getitems__` call: batched reads are much faster than one `source[i]` at a time, and
 # chunking bounds the memory held in decoded example dicts.
@@ -53,8 +54,9 @@ def split_sizes(name: str, data_dir: str | None) -> dict[str, int]:
 
 def _open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """The builder of a dataset prepared in data_dir; DataError (listing what is there) when there is none."""
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise DataError(f"tfds data_dir {data_dir} does not exist")
+    if data_dir is not None and (problem := dir_problem(data_dir)) is not None:
+        raise DataError(f"tfds data_dir {data_dir} {'does not exist' if problem == 'not found' else problem}")
+    _refuse_special_files(name, data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError, a malformed name, a catalog builder failing to import, ...
@@ -63,6 +65,24 @@ def _open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
         raise DataError(_not_found_message(name, data_dir))
     return builder
+
+
+def _refuse_special_files(name: str, data_dir: str | None) -> None:
+    """tfds opens dataset_info.json and the record files blindly: a pipe among them would block forever, a
+    device never end. The dataset's own folder is small (a few files a version), so all of it is checked."""
+    root = data_dir if data_dir is not None else os.path.expanduser(tfds.core.constants.DATA_DIR)
+    dataset = name.split(":", 1)[0]
+    if not re.fullmatch(r"\w+(/[\w.-]+)?", dataset) or ".." in dataset:
+        return  # not a dataset name tfds accepts; it refuses it itself
+    folder = os.path.join(root, dataset)
+    if dir_problem(folder) is not None:
+        return  # nothing prepared there: tfds says so, listing what is
+    try:
+        for found in walk_files(folder):
+            if found.problem not in (None, "is a dangling symlink", "not found"):
+                raise DataError(f"tfds dataset {name!r}: {found.path} {found.problem}")
+    except OSError as e:
+        raise DataError(f"tfds dataset {name!r}: cannot list folder {e.filename or folder} ({e.strerror})") from None
 
 
 def _not_found_message(name: str, data_dir: str | None) -> str:

@@ -22,6 +22,7 @@ from lmadapt.hf.common import CONFIG_FILE, HFError, read_json
 from lmadapt.hf.configs import config_from_hf
 from lmadapt.hf.rules import Rule, hf_tensors, rules_for, stacked_path, tree_set
 from lmadapt.hf.safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor, unsupported_dtype, weight_files
+from lmadapt.paths import dir_problem, file_problem
 from lmadapt.tokenizer import Tokenizer, TokenizerError, load_hf_directory_tokenizer
 
 # Buffers some checkpoints carry that hold no weights (causal masks, RoPE frequencies): safe to drop.
@@ -115,10 +116,30 @@ class HFCheckpoint:
         for path, (_, leaf) in zip(paths, flat, strict=True):
             sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             dtype = np.dtype(leaf.dtype)
-            arrays.append(jax.make_array_from_callback(
-                tuple(leaf.shape), sharding, lambda index, path=path, dtype=dtype: reader.leaf(path, index, dtype),
-                dtype=dtype))
+            try:
+                arrays.append(jax.make_array_from_callback(
+                    tuple(leaf.shape), sharding, lambda index, path=path, dtype=dtype: reader.leaf(path, index, dtype),
+                    dtype=dtype))
+            except HFError:
+                raise
+            except Exception as e:
+                if (cause := _hf_cause(e)) is None:
+                    raise
+                raise cause from None
         return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _hf_cause(e: BaseException) -> HFError | None:
+    """The HFError a callback raised, if `e` wraps one (JAX may re-raise a callback's error inside its own, with a
+    multi-line traceback text), so the user gets our one line; else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, HFError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _check_target(ckpt: HFCheckpoint, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> None:
@@ -185,9 +206,11 @@ def open_hf(directory: str) -> HFCheckpoint:
     name), the safetensors headers (names, shapes, float dtypes; shards of an index) and the tokenizer (its
     vocabulary must fit the model's). Every problem is one HFError line naming the directory and file or key."""
     directory = os.path.abspath(os.path.expanduser(directory))
+    if (problem := dir_problem(directory)) not in (None, "not found"):
+        raise HFError(f"{directory} {problem} (expected a Hugging Face checkpoint directory)")
     config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise HFError(f"{directory}: no {CONFIG_FILE}")
+    if (problem := file_problem(config_path)) is not None:
+        raise HFError(f"{directory}: no {CONFIG_FILE}" if problem == "not found" else f"{config_path} {problem}")
     hf_config = read_json(config_path)
     try:
         cfg = config_from_hf(hf_config)
@@ -237,6 +260,9 @@ def from_hf(state: Mapping[str, np.ndarray], hf_config: Mapping[str, Any]) -> tu
     for name, code in codes.items():
         if code not in FLOAT_DTYPES:
             raise HFError(f"tensor {name} has dtype {code}, which is not supported (expected float weights)")
+        if bad := tensors[name].size - int(np.count_nonzero(np.isfinite(tensors[name]))):
+            raise HFError(f"tensor {name}: {bad} of its {tensors[name].size} values are NaN or Inf; refusing to load "
+                          f"damaged weights")
     cfg = dataclasses.replace(cfg, param_dtype=stored_dtype(list(codes.values())))
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     params: dict[str, Any] = {}

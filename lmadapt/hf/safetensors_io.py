@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from lmadapt.hf.common import INDEX_FILE, WEIGHTS_FILE, HFError, read_json
+from lmadapt.paths import file_problem, special_problem
 
 # The float dtypes weights may be stored in; integer and 8-bit float tensors are quantized weights.
 FLOAT_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),
@@ -94,11 +95,13 @@ def unsupported_dtype(info: TensorInfo) -> HFError:
                    f"{', '.join(FLOAT_DTYPES)}: quantized or integer weights cannot be loaded)")
 
 
-def read_tensor(info: TensorInfo, index: tuple[slice, ...] = ()) -> np.ndarray:
+def read_tensor(info: TensorInfo, index: tuple[slice, ...] = (), *, allow_nonfinite: bool = False) -> np.ndarray:
     """info's tensor, or the rectangular `index` (slices of step 1) of it, in its stored dtype.
 
     Reads the rows of axis 0 the index covers, a chunk at a time, so the bytes read beyond the result are at
-    most one chunk; the result is a fresh array (no memory map behind it)."""
+    most one chunk; the result is a fresh array (no memory map behind it). NaN or Inf values are an HFError
+    naming the file, tensor and count (unless `allow_nonfinite`): each chunk is checked as it arrives, so
+    damaged weights cost no second pass and never reach training."""
     dtype = FLOAT_DTYPES.get(info.dtype)
     if dtype is None:
         raise unsupported_dtype(info)
@@ -106,17 +109,34 @@ def read_tensor(info: TensorInfo, index: tuple[slice, ...] = ()) -> np.ndarray:
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
     if not shape:
-        return _pread(info.path, info.offset, dtype, 1).reshape(())
-    (start, stop), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
-    row_items = math.prod(shape[1:])
-    out = np.empty((max(stop - start, 0), *(b - a for a, b in bounds[1:])), dtype)
-    step = max(1, _CHUNK // max(1, row_items * dtype.itemsize))
-    with open(info.path, "rb", buffering=0) as f:
-        for r in range(start, stop, step):
-            rows = min(step, stop - r)
-            block = _pread(f, info.offset + r * row_items * dtype.itemsize, dtype, rows * row_items)
-            out[r - start:r - start + rows] = block.reshape(rows, *shape[1:])[(slice(None), *rest)]
+        out = _pread(info.path, info.offset, dtype, 1).reshape(())
+        bad = 0 if allow_nonfinite else int(not np.isfinite(out))
+    else:
+        (start, stop), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
+        row_items = math.prod(shape[1:])
+        out = np.empty((max(stop - start, 0), *(b - a for a, b in bounds[1:])), dtype)
+        step = max(1, _CHUNK // max(1, row_items * dtype.itemsize))
+        bad = 0
+        with open(info.path, "rb", buffering=0) as f:
+            for r in range(start, stop, step):
+                rows = min(step, stop - r)
+                block = _pread(f, info.offset + r * row_items * dtype.itemsize, dtype, rows * row_items)
+                part = block.reshape(rows, *shape[1:])[(slice(None), *rest)]
+                out[r - start:r - start + rows] = part
+                if not allow_nonfinite:
+                    bad += part.size - int(np.count_nonzero(np.isfinite(part)))
+    if bad:
+        raise nonfinite_error(info, bad, out.size, bounds)
     return out
+
+
+def nonfinite_error(info: TensorInfo, bad: int, size: int, bounds: list[tuple[int, int]] | None = None) -> HFError:
+    """The error for a tensor holding NaN or Inf: `bad` of the `size` values read (`bounds`: the slice read)."""
+    whole = bounds is None or all(b == (0, n) for b, n in zip(bounds, info.shape, strict=True))
+    where = f"its {size} values" if whole else \
+        f"the {size} values in its slice [{', '.join(f'{a}:{b}' for a, b in bounds)}]"
+    return HFError(f"{info.path}: tensor {info.name}: {bad} of {where} are NaN or Inf; refusing to load damaged "
+                   f"weights")
 
 
 def _pread(f: Any, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
@@ -143,6 +163,9 @@ def weight_files(directory: str) -> dict[str, TensorInfo]:
     headers only. Refused: pickle-only checkpoints, shard names with a path, missing shards, tensors missing from
     or not listed in the index, and a tensor stored twice."""
     single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
+    for path in (single, index):
+        if (problem := special_problem(path)) is not None:  # never skipped for the other, nor opened (a pipe blocks)
+            raise HFError(f"{path} {problem}")
     if os.path.isfile(single):
         return read_header(single)[0]
     if not os.path.isfile(index):
@@ -161,8 +184,9 @@ def weight_files(directory: str) -> dict[str, TensorInfo]:
         if os.path.basename(shard) != shard or shard in ("", ".", "..") or "\\" in shard:
             raise HFError(f"{index}: shard name {shard!r} is not a plain file name")
         path = os.path.join(directory, shard)
-        if not os.path.isfile(path):
-            raise HFError(f"{index}: shard {shard!r} is not a file in {directory}")
+        if (problem := file_problem(path)) is not None:
+            why = f"is not a file in {directory}" if problem == "not found" else f"({path}) {problem}"
+            raise HFError(f"{index}: shard {shard!r} {why}")
         for name, info in read_header(path)[0].items():
             if name in tensors:
                 raise HFError(f"{index}: tensor {name} is stored twice, in {os.path.basename(tensors[name].path)} "
