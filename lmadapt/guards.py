@@ -88,7 +88,7 @@ def check_writable(directory: str, key: str) -> None:
     """Fail before any compile or data work if `directory` could not be written (read-only, no
     permission, a file in the way). Nothing is left behind: a directory not there yet is not created,
     its nearest existing parent is probed instead."""
-    existing = _nearest_existing(directory)
+    existing = nearest_existing(directory)
     if not os.path.isdir(existing):
         raise ConfigError(f"{key}: {directory} cannot be created: {existing} is not a directory")
     probe = os.path.join(existing, f".lmadapt-write-test-{os.getpid()}-{jax.process_index()}")
@@ -104,13 +104,14 @@ def check_writable(directory: str, key: str) -> None:
 def check_room(directory: str, tree: Any, key: str, what: str) -> None:
     """Fail before training if the disk of `directory` (config key `key`) cannot hold `tree` (`what`)."""
     need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    free = shutil.disk_usage(_nearest_existing(directory)).free
+    free = shutil.disk_usage(nearest_existing(directory)).free
     if free < need:
         raise ConfigError(f"{key}: {directory} has {free / 2**20:,.1f} MiB free, but {what} needs about "
                           f"{need / 2**20:,.1f} MiB")
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
+    """`path` if it exists, else its nearest existing parent."""
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path

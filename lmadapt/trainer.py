@@ -220,7 +220,7 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
     guards.check_writable(run_dir, "run.dir")
     if cfg.lineage.dir:
         guards.check_writable(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), "lineage.dir")
-    fresh = not os.path.exists(run_dir)
+    existed = guards.nearest_existing(run_dir)  # what a refused start leaves: folders above it are ours
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
     lock = os.path.join(run_dir, RUN_LOCK)
@@ -230,12 +230,15 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
         try:
             started = _start(cfg, run_dir, devices, log, stop, allow_config_change)
         except BaseException:
-            if fresh and jax.process_index() == 0 and os.listdir(run_dir) == [RUN_LOCK]:
+            if existed != run_dir and jax.process_index() == 0 and os.listdir(run_dir) == [RUN_LOCK]:
                 # Refused before writing anything: leave no run directory behind. (A job that opened the
                 # lock meanwhile was refused by it; one that comes later finds no directory and starts anew.)
                 os.remove(lock)
+                folder = run_dir
                 with contextlib.suppress(OSError):
-                    os.rmdir(run_dir)
+                    while folder != existed:
+                        os.rmdir(folder)
+                        folder = os.path.dirname(folder)
             raise
         if started is None:
             log(f"stopping on {stop.name} during start-up, before the first step; nothing was trained or saved")
