@@ -178,7 +178,11 @@ def _check_keys(node: yaml.Node, key: str, done: set[int]) -> None:
 
 
 def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    loader = _StrictLoader(text)  # what yaml.safe_load does, with the duplicate-key check
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(e: Exception) -> str:
