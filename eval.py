@@ -176,7 +176,7 @@ def evaluate_run(cfg, step: int | None) -> dict:
     from lmadapt import resume
     from lmadapt.checkpoint import Checkpointer, CheckpointError
     from lmadapt.config import ConfigError
-    from lmadapt.trainer import build, run_tokenizer
+    from lmadapt.session import build, run_tokenizer
     from lmadapt.versioning import resolve_origin
 
     directory = os.path.join(os.path.abspath(cfg.run.dir), "checkpoints")

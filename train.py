@@ -38,7 +38,8 @@ def _run(args: argparse.Namespace, stop) -> int:
     from lmadapt.data import DataError
     from lmadapt.guards import TrainingError
     from lmadapt.lineage import LineageError
-    from lmadapt.trainer import dry_run, train
+    from lmadapt.session import dry_run
+    from lmadapt.trainer import train
 
     try:
         cfg = load_config(args.config, args.overrides)

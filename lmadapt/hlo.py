@@ -71,7 +71,7 @@ class StepCommunication:
 
 
 def step_communication(session: Any) -> StepCommunication:
-    """Compile `session`'s train step (a `lmadapt.trainer.Session`) for its mesh and count what it sends."""
+    """Compile `session`'s train step (a `lmadapt.session.Session`) for its mesh and count what it sends."""
     with session.activate():
         compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
     full = shard = 0.0

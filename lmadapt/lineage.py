@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lmadapt import lineage_metrics, lineage_publish, lineage_records, locks, manifest
+from lmadapt import lineage_metrics, lineage_publish, lineage_records, locks, manifest, paths
 from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
 from lmadapt.lineage_records import VERSION_ID, LineageError, check_version_id
@@ -80,7 +80,8 @@ class Lineage:
         return os.path.join(self.directory, "versions", check_version_id(version_id))
 
     def exists(self, version_id: str) -> bool:
-        return os.path.isfile(os.path.join(self.path(version_id), RECORD))
+        """Whether the id is taken: its directory is there (a damaged version still holds its id)."""
+        return os.path.isdir(self.path(version_id))
 
     def ids(self) -> list[str]:
         """Every published version, oldest first (versions whose record is damaged last, by id: listing a
@@ -96,17 +97,20 @@ class Lineage:
         return sorted(ids, key=created)
 
     def _listed(self) -> set[str]:
-        """The ids of `versions/` that hold a record, unread and unsorted."""
+        """The ids of `versions/` (every version directory, whatever its record's state), unsorted."""
         root = os.path.join(self.directory, "versions")
         if not os.path.isdir(root):
             return set()
         return {v for v in os.listdir(root) if VERSION_ID.fullmatch(v) and ".." not in v
-                and os.path.isfile(os.path.join(root, v, RECORD))}
+                and os.path.isdir(os.path.join(root, v))}
 
     def record(self, version_id: str) -> dict[str, Any]:
         """The version's JSON record, checked to hold every required field with the right type; raises
         LineageError naming the lineage if there is no such version, or the file and field if it is damaged."""
         path = os.path.join(self.path(version_id), RECORD)
+        if self.exists(version_id) and (problem := paths.file_problem(path)):
+            raise LineageError(f"{path} {problem}: version {version_id!r} is damaged; `python tools/lineage.py --dir "
+                               f"{self.directory} verify` lists every problem")
         if not os.path.isfile(path):
             known = ", ".join(self.ids()[-10:]) if os.path.isdir(os.path.join(self.directory, "versions")) else ""
             raise LineageError(f"lineage {self.directory}: no version {version_id!r}"

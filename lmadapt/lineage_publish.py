@@ -8,7 +8,6 @@ this host can remove the copy a crashed one left) and renamed into `versions/<id
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import secrets
@@ -21,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lmadapt import manifest
+from lmadapt import manifest, paths
 from lmadapt.lineage_records import LineageError
 from lmadapt.tokenizer import Tokenizer
 
@@ -119,9 +118,8 @@ def _remove_abandoned_staging(root: str) -> None:
     host = socket.gethostname()
     for name in os.listdir(root):
         try:
-            with open(os.path.join(root, name, OWNER), encoding="utf-8") as f:
-                owner = json.load(f)
-        except (OSError, ValueError):
+            owner = paths.read_json(os.path.join(root, name, OWNER), ValueError)
+        except ValueError:
             continue  # being committed right now, a lock file, or not ours to judge
         pid = owner.get("pid") if isinstance(owner, dict) else None
         if isinstance(pid, int) and owner.get("host") == host and not _pid_alive(pid):

@@ -9,11 +9,12 @@ Everything here only reads.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from lmadapt import paths
 
 VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Field -> (accepted types, how an error message says it); bool is refused where an int is wanted.
@@ -44,11 +45,7 @@ def check_version_id(version_id: str) -> str:
 
 def read_json_object(path: str) -> dict[str, Any]:
     """The JSON object in `path`; unreadable, malformed or non-object files raise LineageError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LineageError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+    obj = paths.read_json(path, LineageError)
     if not isinstance(obj, dict):
         raise LineageError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj

@@ -22,6 +22,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
+from lmadapt import paths
 from lmadapt.config import ConfigError
 
 
@@ -32,8 +33,7 @@ class LockHeld(ConfigError):
 def holder(path: str) -> str:
     """Who holds (or last held) the lock at `path`, in words."""
     try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = paths.read_json(path, ValueError)
         return (f"pid {info.get('pid')} on host {info.get('host')} since {info.get('started')} "
                 f"({info.get('command')})")
     except (OSError, ValueError, AttributeError):

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from lmadapt import paths
+
 MANIFEST = "MANIFEST.json"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt")
 # Pickle protocols 2-5 start with PROTO (0x80) and the protocol number; Orbax/TensorStore files start
@@ -28,10 +30,10 @@ def compute(root: str, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any
         for name in files:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
-            if rel == MANIFEST or rel in exclude or os.path.islink(full):
-                continue
+            if rel == MANIFEST or rel in exclude or os.path.islink(full) or paths.file_problem(full):
+                continue  # links and special files (a pipe would block the read) are `untrusted`'s to report
             h = hashlib.sha256()
-            with open(full, "rb") as f:
+            with paths.open_regular(full, OSError) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             out[rel] = {"bytes": os.path.getsize(full), "sha256": h.hexdigest()}
@@ -59,6 +61,8 @@ def untrusted(root: str) -> list[str]:
                 target = os.path.realpath(full)
                 if os.path.commonpath([real_root, target]) != real_root:
                     problems.append(f"{rel}: a symlink to {target}, outside {root}; refused")
+            elif name in files and (problem := paths.file_problem(full)):
+                problems.append(f"{rel} {problem}; lmadapt writes only regular files, refused")
             elif name in files and (name.lower().endswith(PICKLE_SUFFIXES) or _starts_like_pickle(full)):
                 problems.append(f"{rel}: a pickle file; pickle is never loaded, refused")
     return problems
@@ -70,15 +74,14 @@ def check(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
     is reported as such."""
     problems = untrusted(root)
     path = os.path.join(root, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as f:
-            expected = json.load(f)
-        if not isinstance(expected, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return [*problems, f"{MANIFEST}: missing (the contents cannot be verified)"]
-    except (OSError, ValueError) as e:
-        return [*problems, f"{MANIFEST}: unreadable ({e})"]
+    try:
+        expected = paths.read_json(path, ValueError)
+        if not isinstance(expected, dict) or not all(isinstance(v, dict) for v in expected.values()):
+            raise ValueError(f"{path}: not an object of file entries")
+    except ValueError as e:
+        return [*problems, f"{MANIFEST}: unreadable ({str(e).removeprefix(path + ': ')})"]
     actual = compute(root, exclude)
     problems += [f"{p}: missing" for p in sorted(set(expected) - set(actual))]
     problems += [f"{p}: not in the manifest (added after writing)" for p in sorted(set(actual) - set(expected))]
@@ -112,7 +115,7 @@ def write_json(path: str, obj: Any, default: Any = None) -> None:
 
 def _starts_like_pickle(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
+        with paths.open_regular(path, OSError) as f:
             return f.read(2) in PICKLE_MAGIC
     except OSError:
         return False

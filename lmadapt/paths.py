@@ -9,10 +9,11 @@ remaining race (a file swapped for a pipe between the check and the open) withou
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -118,3 +119,21 @@ def walk_files(top: str, hidden_folders: bool = True) -> Iterator[Found]:
             else:
                 yield Found(path, entry_real, None if is_file else file_problem(path))
         stack.extend(reversed(subfolders))
+
+
+JSON_LIMIT = 64 << 20  # records, manifests and metadata are kilobytes; a bigger one is not ours
+
+
+def read_json(path: str, error: type[Exception], limit: int = JSON_LIMIT) -> Any:
+    """The JSON value in `path`, or `error("<path>: <why>")` in one line: not a regular file (never opened if
+    a pipe or device), over `limit` bytes, not UTF-8, malformed, or nested too deep for the parser (which
+    raises RecursionError, not ValueError)."""
+    with open_regular(path, error) as f:
+        blob = f.read(limit + 1)
+    if len(blob) > limit:
+        raise error(f"{path}: over {limit >> 20} MiB, not a file lmadapt wrote")
+    try:
+        return json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+        raise error(f"{path}: unreadable JSON ({reason})") from None

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lmadapt import paths
 from lmadapt.checkpoint import Checkpointer, CheckpointError
 from lmadapt.config import Config, ConfigError, config_to_dict, section_from_dict
 from lmadapt.manifest import MANIFEST, summary
@@ -36,6 +37,12 @@ FIXED_KEYS = ("model", "tokenizer")
 def resume_point(ckpt: Checkpointer, log: Callable[[str], None]) -> int | None:
     """The newest checkpoint's step once its content check passes (process 0 checks, all processes agree),
     or None for a fresh run. Damaged or unverifiable: CheckpointError naming it and an intact one."""
+    foreign = [name for name in sorted(os.listdir(str(ckpt.directory))) if name.isdigit()
+               and not os.path.isdir(os.path.join(str(ckpt.directory), name))] if ckpt.directory.is_dir() else []
+    if foreign:  # a save of that step would replace it
+        where = os.path.join(str(ckpt.directory), foreign[0])
+        raise ConfigError(f"{where} {paths.file_problem(where) or 'is a file'}, not a checkpoint directory: a save at "
+                          f"step {foreign[0]} would replace it; move it out of {ckpt.directory}")
     latest = ckpt.latest_step()
     if latest is None:
         return None
@@ -70,13 +77,14 @@ def commit_record_problems(step_dir: Any) -> list[str]:
     """What is missing from Orbax's record of a committed step (empty if whole): its commit metadata with a
     commit time, and the metadata of both items. An empty or hand-made step directory fails here."""
     path = os.path.join(str(step_dir), "_CHECKPOINT_METADATA")
+    if not os.path.lexists(path):
+        return ["Orbax's commit record _CHECKPOINT_METADATA is missing"]
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = paths.read_json(path, ValueError)
         if not isinstance(record, dict) or not record.get("commit_timestamp_nsecs"):
             return ["Orbax's commit record _CHECKPOINT_METADATA has no commit time"]
-    except (OSError, ValueError) as e:
-        return [f"Orbax's commit record _CHECKPOINT_METADATA is unreadable ({getattr(e, 'strerror', None) or e})"]
+    except ValueError as e:
+        return [f"Orbax's commit record is unreadable ({e})"]
     missing = [p for p in ("state/_METADATA", "meta/metadata") if not os.path.isfile(os.path.join(str(step_dir), p))]
     return [f"{missing[0]} is missing"] if missing else []
 
@@ -85,14 +93,49 @@ def restore(ckpt: Checkpointer, step: int, abstract_state: Any) -> Any:
     """Restore `step` and refuse it (CheckpointError, before any step runs) unless every floating array is
     finite: a damaged file can decode to NaNs, and training on from them would only save more of them."""
     try:
-        state, _ = ckpt.restore(step, abstract_state)
+        state, meta = ckpt.restore(step, abstract_state)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {intact_hint(ckpt, step)}") from None
     bad = first_nonfinite(state)
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)} restores non-finite values in {bad}; not "
-                              f"resuming from it; {intact_hint(ckpt, step)}")
+    what = f"non-finite values in {bad}" if bad is not None else digest_mismatch(state, meta.get("digest"))
+    if what:
+        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)} restores {what}; not resuming from it; "
+                              f"{intact_hint(ckpt, step)}")
     return state
+
+
+@jax.jit
+def _moments(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                      for x in leaves])
+
+
+def digest(state: Any) -> dict[str, list[float]]:
+    """{leaf path: [sum, sum of squares]} of a state, computed on its devices (one pass, a few floats back).
+
+    Saved beside each checkpoint, so a restore can tell a state that decodes but is not what was saved: a
+    chunk TensorStore cannot find comes back as zeros, not as an error (seen with one flipped byte in an
+    unsealed checkpoint: every weight of a tensor zero, the loss exactly ln(vocab))."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    values = jax.device_get(_moments([x for _, x in flat]))
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): [float(a), float(b)]
+            for (p, _), (a, b) in zip(flat, values, strict=True)}
+
+
+def digest_mismatch(state: Any, saved: Any) -> str:
+    """'' if `state` has the digest `saved` (to float32 rounding of another summation order: a restore
+    onto another mesh sums in another order), else the first leaf that differs, in words."""
+    if not isinstance(saved, dict):
+        return ""  # saved before digests were recorded
+    now = digest(state)
+    for path, (total, squares) in now.items():
+        want = saved.get(path)
+        if not (isinstance(want, list) and len(want) == 2):
+            return f"a tree without {path} in its saved digest"
+        if not np.allclose([total, squares], want, rtol=1e-3, atol=1e-6 * (1.0 + abs(want[1]) ** 0.5)):
+            return (f"{path} other than it was saved (sum of squares {squares:.6g}, {want[1]:.6g} when saved: a "
+                    f"damaged file decoded without an error)")
+    return ""
 
 
 def first_nonfinite(tree: Any) -> str | None:
@@ -123,22 +166,22 @@ def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[s
     meta = ckpt.read_meta(step)
     saved, new = _flat(_normalised(meta.get("config", {}))), _flat(config_to_dict(cfg))
     allow = [a.strip() for a in allow if a.strip()]
-    fixed = [a for a in allow if _under(a, FIXED_KEYS)]
+    fixed = [a for a in allow if _fixed(a)]
     if fixed:
         raise ConfigError(f"--allow-config-change {','.join(fixed)}: {', '.join(FIXED_KEYS)} keys cannot change on "
-                          f"resume (the checkpoint's weights and token ids depend on them); start a new run.dir, e.g. "
-                          f"with init.from_run or from a published version")
+                          f"resume (the checkpoint's weights and token ids depend on them); start a new run.dir (to go "
+                          f"on from this run's weights, publish it and start from it with init.from_version)")
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k, _MISSING) != new.get(k, _MISSING))
     allowed, refused = [], []
     for key in changed:
         old, now = saved.get(key, _MISSING), new.get(key, _MISSING)
         upward = key == "train.steps" and isinstance(old, int) and isinstance(now, int) and now >= old
-        ok = upward or (_under(key, RUNTIME_KEYS) or _under(key, allow)) and not _under(key, FIXED_KEYS)
+        ok = upward or _under(key, RUNTIME_KEYS) or (_under(key, allow) and not _fixed(key))
         (allowed if ok else refused).append({"step": step, "key": key, "from": _show(old), "to": _show(now)})
     if refused:
         shown = "; ".join(f"{c['key']}: {c['from']} -> {c['to']}" for c in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-        open_keys = [c["key"] for c in refused if not _under(c["key"], FIXED_KEYS)]
+        open_keys = [c["key"] for c in refused if not _fixed(c["key"])]
         way = ("model and tokenizer keys cannot change on resume (the checkpoint's tensors and token ids depend on "
                "them): restore them or use a new run.dir" if len(open_keys) < len(refused) else
                f"restore those values, use a new run.dir, or pass --allow-config-change {','.join(open_keys)}")
@@ -193,6 +236,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
         return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
     return {prefix.rstrip("."): tree}
+
+
+def _fixed(key: str) -> bool:
+    """A key no flag may change on resume (model and tokenizer, but for the runtime ones among them)."""
+    return _under(key, FIXED_KEYS) and not _under(key, RUNTIME_KEYS)
 
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:

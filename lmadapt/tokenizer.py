@@ -14,9 +14,9 @@ travels with every checkpoint and model version as the files `save` writes, so a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
+from lmadapt import paths
 from lmadapt.paths import special_problem
 from lmadapt.tokenizer_base import (
     BYTES_FILE,
@@ -65,8 +65,7 @@ def _exported_from(directory: str) -> Tokenizer | None:
     if not os.path.isfile(record_path):
         return None
     try:
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = paths.read_json(record_path, ValueError)
         with open(os.path.join(directory, HF_TOKENIZER_FILE), "rb") as f:
             unchanged = hashlib.sha256(f.read()).hexdigest() == record["tokenizer_json_sha256"]
         source = record["source"]

@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
+from lmadapt import paths
 from lmadapt.paths import file_problem, open_regular, special_problem
 from lmadapt.tokenizer_base import HF_CONFIG_FILE, HF_TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
 
@@ -189,11 +190,7 @@ def pick_chat_template(value: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not readable JSON ({e})") from None
+    value = paths.read_json(path, TokenizerError)
     if not isinstance(value, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -35,6 +35,8 @@ def snapshot(*roots: str) -> dict[str, object]:
         for p in paths:
             if os.path.isdir(p):
                 out[p] = "dir"
+            elif not os.path.isfile(p):  # a pipe would block the read: record that it is there
+                out[p] = "special"
             else:
                 with open(p, "rb") as f:
                     blob = f.read()

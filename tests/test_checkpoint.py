@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lmadapt.checkpoint import Checkpointer, CheckpointError
-from lmadapt.trainer import build
+from lmadapt.session import build
 
 
 def by_path(tree):

@@ -41,7 +41,7 @@ def train_cmd(run_dir, *extra, steps=12, every=3):
 
 
 def final_state(run_dir):
-    from lmadapt.trainer import build
+    from lmadapt.session import build
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     session = build(cfg, devices=jax.devices()[:1])

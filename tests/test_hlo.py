@@ -3,7 +3,7 @@
 import pytest
 
 from lmadapt.hlo import count_collectives, step_communication
-from lmadapt.trainer import build
+from lmadapt.session import build
 
 SAMPLE = """
   %all-reduce.23 = (f32[320,64]{1,0}, f32[], /*index=2*/bf16[8]{0}) all-reduce(%a, %b, %c), channel_id=1

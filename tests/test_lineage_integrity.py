@@ -78,6 +78,11 @@ def edit_record(lin: str, vid: str, change) -> None:
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     text = change(record)
+    if text in ("<removed>", "<fifo>"):  # a half-deleted version, or a special file put in its place
+        os.remove(path)
+        if text == "<fifo>":
+            os.mkfifo(path)
+        return
     with open(path, "w", encoding="utf-8") as f:
         f.write(text if isinstance(text, str) else json.dumps(record))
 
@@ -99,6 +104,9 @@ def one_error(err: str, *needles: str) -> str:
     (lambda r: r.update(id="v7"), ["field 'id' is 'v7'", "directory of version 'v1'"]),
     (lambda r: '{"id": "v1", "parents": [', ["unreadable"]),
     (lambda r: "[1, 2]", ["expected a JSON object"]),
+    (lambda r: "[" * 100_000 + "]" * 100_000, ["unreadable JSON (nested too deeply)"]),
+    (lambda r: "<removed>", ["not found: version 'v1' is damaged"]),
+    (lambda r: "<fifo>", ["is a named pipe (FIFO), not a regular file: version 'v1' is damaged"]),
 ])
 def test_a_damaged_record_is_named_and_the_others_still_list(lin, change, needles):
     edit_record(lin, "v1", change)
@@ -212,11 +220,19 @@ def test_cached_eval_results_belong_to_the_params_they_were_computed_from(lin, c
     assert rc == 0 and "v0 on tiny: loss" in out
 
 
-def test_a_corrupt_metrics_file_is_ignored_with_one_warning(lin, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("damage, why", [
+    ("{not json", "v0.json: unreadable"),
+    ("[" * 100_000 + "]" * 100_000, "v0.json: unreadable JSON (nested too deeply)"),
+    (None, "v0.json is a named pipe (FIFO)"),
+])
+def test_a_corrupt_metrics_file_is_ignored_with_one_warning(lin, corpus, tmp_path, capsys, damage, why):
     metrics = os.path.join(lin, "metrics")
     os.makedirs(metrics)
-    with open(os.path.join(metrics, "v0.json"), "w") as f:
-        f.write("{not json")
+    if damage is None:
+        os.mkfifo(os.path.join(metrics, "v0.json"))  # never opened: a reader would block on it
+    else:
+        with open(os.path.join(metrics, "v0.json"), "w") as f:
+            f.write(damage)
     with open(os.path.join(metrics, "v1.json"), "w") as f:
         json.dump({"tiny:abc": 3, "other:def": {"loss": 1.0}}, f)
     with open(os.path.join(metrics, "gone.json"), "w") as f:
@@ -224,19 +240,20 @@ def test_a_corrupt_metrics_file_is_ignored_with_one_warning(lin, corpus, tmp_pat
     before = snapshot(lin)
     assert Lineage(lin).metrics("v0") == {}
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "metrics/v0.json: unreadable" in err and "ignored" in err
+    assert err.count("\n") == 1 and f"metrics/{why}" in err and "ignored" in err
     assert Lineage(lin).metrics("v1") == {"other:def": {"loss": 1.0}}
     assert "entries 'tiny:abc' are not JSON objects" in capsys.readouterr().err
     rc, out, err = cli("--dir", lin, "show", "v0")
     assert rc == 0 and json.loads(out)["metrics"] == {} and len(err.splitlines()) == 1 and "warning:" in err
     rc, out, _ = cli("--dir", lin, "verify")
     assert rc == 1 and "v0: ok" in out and "v1: ok" in out, out
-    for name, needle in (("v0", "unreadable"), ("v1", "'tiny:abc' are not JSON objects"), ("gone", "no version")):
+    for name, needle in (("v0", why[len("v0.json"):].lstrip(": ")), ("v1", "'tiny:abc' are not JSON objects"),
+                         ("gone", "no version")):
         assert f"metrics/{name}.json: DAMAGED\n  " in out and needle in out
     assert snapshot(lin) == before
     rc, out, err = run_eval(eval_args(lin, corpus, tmp_path, "--versions", "v0"))
     assert rc == 0 and "v0 on tiny: loss" in out and (tmp_path / "out" / "results.json").is_file()
-    assert len(err.splitlines()) == 1 and "metrics/v0.json: unreadable" in err, err
+    assert len(err.splitlines()) == 1 and f"metrics/{why}" in err, err
     assert snapshot(lin) == before  # the damaged file is left for its owner, not overwritten
 
 

@@ -15,7 +15,8 @@ from helpers import ROOT, assert_one_line, call, run_cmd, snapshot
 from lmadapt import locks
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import CheckpointConfig, load_config
-from lmadapt.trainer import RUN_LOCK, build
+from lmadapt.session import build
+from lmadapt.trainer import RUN_LOCK
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (the repository root's train.py)
@@ -70,6 +71,15 @@ def test_checkpoint_without_a_commit_record_is_refused_naming_the_intact_one(run
     os.makedirs(os.path.join(run, "checkpoints", "99"))  # an empty step directory, as a bad copy leaves
     refused(run, data_cache, 1, needles=("checkpoints/99 is damaged", "no MANIFEST.json", "_CHECKPOINT_METADATA",
                                          "checkpoint 6 is intact"))
+    shutil.rmtree(os.path.join(run, "checkpoints", "99"))
+    manifest = os.path.join(run, "checkpoints", "6", "MANIFEST.json")
+    os.remove(manifest)
+    os.mkfifo(manifest)  # never opened: reading it would block the restart
+    refused(run, data_cache, 1, needles=("checkpoints/6 is damaged", "named pipe", "checkpoint 3 is intact"))
+    os.remove(manifest)
+    with open(os.path.join(run, "checkpoints", "9"), "w") as f:  # a user's file where a save would go
+        f.write("mine")
+    refused(run, data_cache, 2, needles=("checkpoints/9 is a file, not a checkpoint directory", "move it out"))
 
 
 def test_unsealed_checkpoint_is_resumed_only_if_it_restores_finite(run, data_cache):
@@ -78,11 +88,17 @@ def test_unsealed_checkpoint_is_resumed_only_if_it_restores_finite(run, data_cac
     ckpt = Checkpointer(os.path.join(run, "checkpoints"), CheckpointConfig(async_save=False))
     state, meta = ckpt.restore(6, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                session.abstract_state))
+    # A chunk TensorStore cannot find comes back as zeros: finite, but not what was saved (meta's digest).
+    zeroed = state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
     bad = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params))
-    ckpt.save(7, bad, meta)
+    for step, damaged in ((7, zeroed), (8, bad)):
+        ckpt.save(step, damaged, meta)
+        os.remove(os.path.join(run, "checkpoints", str(step), "MANIFEST.json"))  # as if killed before the seal
     ckpt.close()
-    os.remove(os.path.join(run, "checkpoints", "7", "MANIFEST.json"))  # as if killed between commit and seal
-    line = refused(run, data_cache, 1, needles=("checkpoints/7 restores non-finite values in params/",
+    refused(run, data_cache, 1, needles=("checkpoints/8 restores non-finite values in params/",
+                                         "checkpoint 6 is intact"))
+    shutil.rmtree(os.path.join(run, "checkpoints", "8"))
+    line = refused(run, data_cache, 1, needles=("checkpoints/7 restores params/", "other than it was saved",
                                                 "checkpoint 6 is intact"))
     assert "move " in line and "restart to resume from step 6" in line
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from lmadapt import sharding
 from lmadapt.config import MeshConfig, ModelConfig, RopeScalingConfig
 from lmadapt.model import Transformer, init_params
-from lmadapt.trainer import build
+from lmadapt.session import build
 
 
 def run_steps(cfg, devices, n_steps=3):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lmadapt import lora
+from lmadapt.session import build
 from lmadapt.train_step import kl_sums
-from lmadapt.trainer import build
 
 STARTED = ["init.from_version=parent", "lineage.dir=/nonexistent"]  # what regularisers require to validate
 

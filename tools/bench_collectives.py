@@ -3,7 +3,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/bench_collectives.py \
         [--config configs/tiny.yaml] [--meshes 8x1x1,1x8x1,2x2x2,1x1x8] [--dump DIR] [key.sub=value ...]
 
-Meshes are data x fsdp x tensor. For each it compiles the real train step (`lmadapt.trainer.build`) and
+Meshes are data x fsdp x tensor. For each it compiles the real train step (`lmadapt.session.build`) and
 prints the collectives of the optimized HLO with their per-device result bytes, and the ratio of reduced
 bytes (all-reduce + reduce-scatter) to the gradients' bytes: about 1 means every gradient is reduced once
 (tensor parallelism adds the activations' all-reduces on top, see docs/performance.md).
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmadapt.config import ConfigError, load_config  # noqa: E402
 from lmadapt.hlo import step_communication  # noqa: E402
-from lmadapt.trainer import build  # noqa: E402
+from lmadapt.session import build  # noqa: E402
 
 
 def main() -> int:

@@ -24,7 +24,8 @@ import jax  # noqa: E402
 
 from lmadapt.config import ConfigError, load_config  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
-from lmadapt.trainer import build, train  # noqa: E402
+from lmadapt.session import build  # noqa: E402
+from lmadapt.trainer import train  # noqa: E402
 from lmadapt.versioning import resolve_origin  # noqa: E402
 from tools.bench_train import compiled_memory  # noqa: E402
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from lmadapt.allocator import active_library, run_entry_point  # noqa: E402
 from lmadapt.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
-from lmadapt.trainer import build  # noqa: E402
+from lmadapt.session import build  # noqa: E402
 
 
 def matmul_peak(dtype: jnp.dtype, n: int = 2048, reps: int = 10) -> float:

@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from lmadapt import paths
+
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -28,11 +30,7 @@ class HFError(ValueError):
 
 def read_json(path: str) -> dict[str, Any]:
     """A JSON object from `path`; unreadable, malformed or non-object files are an HFError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise HFError(f"{path}: cannot read JSON ({' '.join(str(e).split())})") from None
+    obj = paths.read_json(path, HFError)
     if not isinstance(obj, dict):
         raise HFError(f"{path}: expected a JSON object")
     return obj
