@@ -84,9 +84,10 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
 
         ckpt = open_hf(args.hf)  # first: a bad directory leaves no temporary lineage
         tokenizer = ckpt.require_tokenizer()
+        params = ckpt.load()  # before the temporary lineage: refused weights (NaN, ...) leave nothing behind
         lineage = Lineage(args.lineage or tempfile.mkdtemp(prefix="lmadapt-eval-"))
         out_dir = _writable_out(args.out, lineage.directory, unwritable)
-        versions = [import_root(lineage, args.hf, ckpt.load(), ckpt.config, tokenizer)]
+        versions = [import_root(lineage, args.hf, params, ckpt.config, tokenizer)]
     else:
         lineage = Lineage(args.lineage)
         if not os.path.isdir(lineage.directory):

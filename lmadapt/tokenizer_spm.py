@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lmadapt.paths import open_regular
 from lmadapt.tokenizer_base import HF_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
 
 
@@ -38,9 +39,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
         """Read a `.model` file."""
-        if not os.path.isfile(path):
-            raise TokenizerError(f"tokenizer file {path!r} not found")
-        with open(path, "rb") as f:
+        with open_regular(path, TokenizerError) as f:  # a pipe or device is named, never opened
             return cls(f.read(), origin=path)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:

@@ -434,10 +434,10 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(value, monkeypatch):
 NAN_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")
-    import lmadapt.trainer, train
+    import lmadapt.session, train
     from test_faults import inject_fault
     # Step 5 (taken from state.step 4) gets a NaN gradient in one MLP kernel.
-    lmadapt.trainer.train_step = inject_fault("['layers_0']['mlp']['up']['kernel']", 4)
+    lmadapt.session.train_step = inject_fault("['layers_0']['mlp']['up']['kernel']", 4)
     sys.exit(train.main(sys.argv[1:]))
 """)
 

@@ -204,3 +204,15 @@ def test_starting_from_a_version_with_non_finite_params_is_refused(finished, tmp
     assert_one_line(err.strip().splitlines()[-1], "error: ", "'bad'", "has non-finite values in params/",
                     "not training from it")
     assert not os.path.exists(os.path.join(run_dir, "checkpoints", "3"))
+
+
+def test_a_lineage_dir_without_room_for_one_version_is_refused_before_training(tmp_path, data_cache):
+    from helpers import tmpfs
+
+    with tmpfs(tmp_path / "small", "64k") as small:  # the tiny model's params are about 460 KiB
+        run_dir = str(tmp_path / "run")
+        rc, err = call(train.main, argv(run_dir, data_cache, f"lineage.dir={small}/lin", "version.id=v"))
+        assert rc == 2
+        assert_one_line(err.strip().splitlines()[-1], f"error: lineage.dir: {small}/lin has", "MiB free, but one "
+                        "version of these params needs about")
+        assert os.listdir(small) == [] and not os.path.exists(run_dir)

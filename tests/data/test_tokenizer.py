@@ -180,7 +180,7 @@ def test_directories_prefer_tokenizer_json(tmp_path, trained):
 
 
 def test_bad_tokenizer_files_name_the_file(tmp_path, trained):
-    with pytest.raises(TokenizerError, match="tokenizer file '.*nope.model' not found"):
+    with pytest.raises(TokenizerError, match="nope.model not found"):
         load_tokenizer(str(tmp_path / "nope.model"))
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"this is not a protobuf")
