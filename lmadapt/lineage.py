@@ -275,7 +275,9 @@ class Lineage:
                     "note": note, "model": dataclasses.asdict(model), "tokenizer": tokenizer.fingerprint,
                     "config": config or {}, "data": data or {}, "strategy": strategy or {}, "steps": int(steps),
                     "tokens": int(tokens), "metrics": metrics or {}, "params_hash": params_hash(params),
-                    "artifacts": sorted(artifacts or {}), **(extra or {}),
+                    "artifacts": sorted(artifacts or {}),
+                    # which parents: an id deleted and published again names other params (`verify` tells)
+                    "parent_hashes": {p: self.record(p)["params_hash"] for p in parents}, **(extra or {}),
                 }
                 lineage_publish.stage_and_commit(self.directory, self.path(version_id), version_id, params,
                                                  artifacts or {}, tokenizer, record)
@@ -346,6 +348,12 @@ class Lineage:
         except LineageError as e:
             return [*problems, f"{RECORD}: {str(e).split(': ', 1)[-1]}"]
         problems += self.graph_problems(version_id)
+        for parent, digest in (record.get("parent_hashes") or {}).items():
+            with contextlib.suppress(LineageError):  # a missing or damaged parent is reported above
+                if self.exists(parent) and self.record(parent)["params_hash"] != digest:
+                    problems.append(f"parent {parent!r} is not the version this one was trained from: it was deleted "
+                                    f"and published again (params hash {self.record(parent)['params_hash'][:19]}..., "
+                                    f"{digest[:19]}... when this one was published)")
         try:
             digest = params_hash(self.load_params(version_id, check=False))
             if digest != record["params_hash"]:

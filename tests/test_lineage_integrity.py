@@ -376,3 +376,11 @@ def test_exports_never_overwrite_and_create_a_missing_folder(lin, tmp_path, monk
                      "safetensors")
     assert rc == 2 and not (tmp_path / "fail").exists()
     one_error(err, "v0.safetensors", "No space left on device")
+
+
+def test_a_parent_deleted_and_published_again_is_named_by_verify(lin):
+    shutil.rmtree(os.path.join(lin, "versions", "v0"))
+    Lineage(lin).publish("v0", params(5), CFG, ByteTokenizer(), parents=[])  # other params under the old id
+    rc, out, _ = cli("--dir", lin, "verify")
+    assert rc == 1 and "v0: ok" in out and "v1: TAMPERED" in out
+    assert "parent 'v0' is not the version this one was trained from: it was deleted and published again" in out
