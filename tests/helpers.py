@@ -44,6 +44,14 @@ def snapshot(*roots: str) -> dict[str, object]:
     return out
 
 
+def call_out(main, argv: list[str]) -> tuple[int, str, str]:
+    """Run an entry point's `main` in process: (return code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
 def call(main, argv: list[str]) -> tuple[int, str]:
     """Run an entry point's `main` in process: (return code, what it wrote to stderr)."""
     out, err = io.StringIO(), io.StringIO()

@@ -1,8 +1,10 @@
 """Model-version lineage: parents, write-once, atomic publish, tamper detection, the CLI, train.py."""
 
+import importlib.util
 import json
 import os
 import signal
+import sys
 import textwrap
 
 import flax.linen as nn
@@ -10,11 +12,18 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import run_cmd
+from helpers import ROOT, call, call_out, run_cmd
 from lmadapt.config import ModelConfig
 from lmadapt.lineage import Lineage, LineageError, check_version_id
 from lmadapt.model import init_params
 from lmadapt.tokenizer import ByteTokenizer
+
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (the repository root's train.py)
+
+_spec = importlib.util.spec_from_file_location("lineage_tool", os.path.join(ROOT, "tools", "lineage.py"))
+lineage_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lineage_tool)
 
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 
@@ -138,11 +147,11 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     # Restarting a finished run does not publish again.
     again = run_cmd([*common, f"run.dir={tmp_path / 'r1'}", "init.from_version=base", "version.id=child"], env=env)
     assert again.returncode == 0 and "already published as version 'child'" in again.stdout
-    # A new run may not take an existing id; the message names it.
-    taken = run_cmd([*common, f"run.dir={tmp_path / 'r2'}", "version.id=base"], env=env)
-    assert taken.returncode == 2 and "version.id 'base' already exists" in taken.stderr
-    missing = run_cmd([*common, f"run.dir={tmp_path / 'r3'}", "init.from_version=nope"], env=env)
-    assert missing.returncode == 2 and "init.from_version" in missing.stderr and "no version 'nope'" in missing.stderr
+    # A new run may not take an existing id, nor start from a missing one (refused before any work: in process).
+    rc, err = call(train.main, [*common[1:], f"run.dir={tmp_path / 'r2'}", "version.id=base"])
+    assert rc == 2 and "version.id 'base' already exists" in err
+    rc, err = call(train.main, [*common[1:], f"run.dir={tmp_path / 'r3'}", "init.from_version=nope"])
+    assert rc == 2 and "init.from_version" in err and "no version 'nope'" in err
 
     lineage = Lineage(str(lin))
     rec = lineage.record("child")
@@ -151,10 +160,10 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     assert rec["data"]["tokens_seen"] == {"shakespeare": 4 * 8 * 64} and "eval/loss" in rec["metrics"]
     assert rec["config"]["init"]["from_version"] == "base"
 
-    def cli(*args):
-        out = run_cmd(["tools/lineage.py", "--dir", str(lin), *args])
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout
+    def cli(*args):  # in process: the tool as a user runs it, without a Python start per command
+        rc, out, err = call_out(lineage_tool.main, ["--dir", str(lin), *args])
+        assert rc == 0, err[-2000:]
+        return out
 
     assert [line.split()[0] for line in cli("list").splitlines()[1:]] == ["base", "child"]
     assert cli("tree").splitlines()[1].startswith("└── child")
@@ -164,8 +173,8 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     change = float(next(line.split()[1] for line in diff.splitlines() if line.strip().startswith("layers_0")))
     assert 0 < change < 1
     assert cli("verify") == "base: ok\nchild: ok\n"
-    bad = run_cmd(["tools/lineage.py", "--dir", str(lin), "show", "../x"])
-    assert bad.returncode == 2 and "is not valid" in bad.stderr
+    rc, _, err = call_out(lineage_tool.main, ["--dir", str(lin), "show", "../x"])
+    assert rc == 2 and "is not valid" in err
 
     # Export to Hugging Face and import back as a root version: the same params, bit for bit.
     hf_dir = tmp_path / "hf_child"
@@ -175,8 +184,8 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     assert "as version child-again" in cli("import-hf", str(hf_dir), "--id", "child-again")
     assert lineage.record("child-again")["params_hash"] == rec["params_hash"]
     assert lineage.record("child-again")["parents"] == []
-    refused = run_cmd(["tools/lineage.py", "--dir", str(lin), "export", "child", "--out", str(hf_dir)])
-    assert refused.returncode == 2 and "error:" in refused.stderr
+    rc, _, err = call_out(lineage_tool.main, ["--dir", str(lin), "export", "child", "--out", str(hf_dir)])
+    assert rc == 2 and "error:" in err
 
     # train.py from Hugging Face weights: the import becomes (or reuses) a root version, the run its child.
     from_hf = run_cmd([*common, f"run.dir={tmp_path / 'r4'}", f"init.from_hf={hf_dir}", "version.id=from-hf"], env=env)

@@ -56,7 +56,8 @@ def test_sharded_losses_match_single_device(tiny_config, family):
     base = tiny_config(*extra, "mesh.data=1")
     ref, _ = run_steps(base, jax.devices()[:1])
     assert len(jax.devices()) == 8
-    for name, mesh in MESHES.items():
+    # gpt2 on the mesh that uses every axis; the one-axis meshes and the layouts are checked on llama.
+    for name, mesh in (MESHES if family == "llama" else {"d2f2t2": MESHES["d2f2t2"]}).items():
         losses, state = run_steps(tiny_config(*extra, *mesh), jax.devices())
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=f"mesh {name}")
         if family == "llama":
