@@ -158,6 +158,17 @@ def intact_hint(ckpt: Checkpointer, step: int) -> str:
             f"restart to resume from step {earlier}")
 
 
+def check_allowed(allow: Iterable[str]) -> None:
+    """Refuse (ConfigError) an `--allow-config-change` that names keys no resume may change: checked at start,
+    before any work."""
+    allow = [a.strip() for a in allow if a.strip()]
+    fixed = [a for a in allow if _fixed(a)]
+    if fixed:
+        raise ConfigError(f"--allow-config-change {','.join(fixed)}: {', '.join(FIXED_KEYS)} keys cannot change on "
+                          f"resume (the checkpoint's weights and token ids depend on them); start a new run.dir (to go "
+                          f"on from this run's weights, publish it and start from it with init.from_version)")
+
+
 def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[str] = ()
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Compare the config checkpoint `step` was trained with against `cfg`: (every change made on resume so
@@ -166,11 +177,7 @@ def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[s
     meta = ckpt.read_meta(step)
     saved, new = _flat(_normalised(meta.get("config", {}))), _flat(config_to_dict(cfg))
     allow = [a.strip() for a in allow if a.strip()]
-    fixed = [a for a in allow if _fixed(a)]
-    if fixed:
-        raise ConfigError(f"--allow-config-change {','.join(fixed)}: {', '.join(FIXED_KEYS)} keys cannot change on "
-                          f"resume (the checkpoint's weights and token ids depend on them); start a new run.dir (to go "
-                          f"on from this run's weights, publish it and start from it with init.from_version)")
+    check_allowed(allow)
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k, _MISSING) != new.get(k, _MISSING))
     allowed, refused = [], []
     for key in changed:

@@ -72,6 +72,7 @@ def train(cfg: Config, *, on_step: Callable[[int], None] | None = None, log: Cal
     raised by the caller (train.py raises it before importing JAX); `allow_config_change`: config keys a
     resume may change beyond the runtime ones (see resume.config_changes).
     """
+    resume.check_allowed(allow_config_change)
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a device
     run_dir = os.path.abspath(cfg.run.dir)
     guards.check_writable(run_dir, "run.dir")

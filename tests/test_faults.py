@@ -119,9 +119,9 @@ def test_sigkill_at_random_steps_then_restart_is_bit_identical(tmp_path):
     second = run_cmd(train_cmd(straight), env=ONE_DEVICE)
     assert second.returncode == 2 and f"is in use by pid {first.pid} on host" in one_error_line(second.stderr)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
-    # Three kills at seeded random steps of one run; the async saves every 3 steps mean some kills land
+    # Two kills at seeded random steps of one run; the async saves every 3 steps mean some kills land
     # while a checkpoint is being written. Each restart resumes from the newest complete checkpoint.
-    kills = sorted(np.random.default_rng(8).choice(np.arange(2, 12), size=3, replace=False).tolist())
+    kills = sorted(np.random.default_rng(8).choice(np.arange(2, 12), size=2, replace=False).tolist())
     for k in kills:
         script = textwrap.dedent(f"""
             import os, signal

@@ -29,13 +29,11 @@ def run_steps(cfg, devices, n_steps=3):
 
 
 MESHES = {
-    "data8": ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
     "fsdp8": ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
     "d2f2t2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
 }
 
 EXPECTED_SPECS = {
-    "data8": {"embed/embedding": P(None, None), "layers_0/attn/q/kernel": P(None, None, None)},
     "fsdp8": {"embed/embedding": P(None, "fsdp"), "layers_0/attn/q/kernel": P("fsdp", None, None),
               "layers_0/mlp/down/kernel": P(None, "fsdp"), "final_norm/scale": P(None)},
     "d2f2t2": {"embed/embedding": P("tensor", "fsdp"), "layers_0/attn/q/kernel": P("fsdp", "tensor", None),
@@ -56,7 +54,8 @@ def test_sharded_losses_match_single_device(tiny_config, family):
     base = tiny_config(*extra, "mesh.data=1")
     ref, _ = run_steps(base, jax.devices()[:1])
     assert len(jax.devices()) == 8
-    # gpt2 on the mesh that uses every axis; the one-axis meshes and the layouts are checked on llama.
+    # gpt2 on the mesh that uses every axis; llama also on pure fsdp, and its layouts on both. (Pure data
+    # parallelism is the data axis of d2f2t2 alone: not run separately, to keep the suite's time.)
     for name, mesh in (MESHES if family == "llama" else {"d2f2t2": MESHES["d2f2t2"]}).items():
         losses, state = run_steps(tiny_config(*extra, *mesh), jax.devices())
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=f"mesh {name}")
