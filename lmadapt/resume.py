@@ -169,12 +169,12 @@ def check_allowed(allow: Iterable[str]) -> None:
                           f"on from this run's weights, publish it and start from it with init.from_version)")
 
 
-def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[str] = ()
+def config_changes(meta: dict[str, Any], step: int, cfg: Config, allow: Iterable[str] = ()
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Compare the config checkpoint `step` was trained with against `cfg`: (every change made on resume so
     far, oldest first; those made now). Only runtime keys, `train.steps` upward and keys in `allow` may
-    change; any other change raises ConfigError listing the keys, before anything is written."""
-    meta = ckpt.read_meta(step)
+    change; any other change raises ConfigError listing the keys, before anything is written. `meta`: the
+    checkpoint's (`Checkpointer.read_meta`)."""
     saved, new = _flat(_normalised(meta.get("config", {}))), _flat(config_to_dict(cfg))
     allow = [a.strip() for a in allow if a.strip()]
     check_allowed(allow)
@@ -198,11 +198,12 @@ def config_changes(ckpt: Checkpointer, step: int, cfg: Config, allow: Iterable[s
     return [*earlier, *allowed], allowed
 
 
-def data_changes(ckpt: Checkpointer, step: int, data: dict[str, Any], allow: Iterable[str] = ()) -> None:
+def data_changes(meta: dict[str, Any], step: int, data: dict[str, Any], allow: Iterable[str] = ()) -> None:
     """Refuse (ConfigError) to resume when what a source reads now differs from what checkpoint `step` was
     trained on (a file edited, added to a glob or removed) or the tokenizer changed, unless `allow` names
-    `data.sources` (or `data`). Checkpoints saved before data fingerprints were recorded are not checked."""
-    saved = ckpt.read_meta(step).get("data")
+    `data.sources` (or `data`). `meta`: the checkpoint's (`Checkpointer.read_meta`); checkpoints saved before
+    data fingerprints were recorded are not checked."""
+    saved = meta.get("data")
     if not isinstance(saved, dict) or _under("data.sources", [a.strip() for a in allow]):
         return
     now = data_fingerprints(data)

@@ -135,9 +135,11 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
     with session.activate(), guards.exit_on_lost_peer():
         latest = resume.resume_point(ckpt, log)
-        changes, new = resume.config_changes(ckpt, latest, cfg, allow) if latest is not None else ([], [])
+        changes, new = [], []
         if latest is not None:
-            resume.data_changes(ckpt, latest, session.data.describe(), allow)
+            saved = ckpt.read_meta(latest)
+            changes, new = resume.config_changes(saved, latest, cfg, allow)
+            resume.data_changes(saved, latest, session.data.describe(), allow)
         state = _first_state(cfg, session, origin, ckpt, latest, log)
         if jax.process_index() == 0:  # only now: a refused resume leaves the run's record as it was
             with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:

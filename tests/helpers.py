@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,15 @@ def tmpfs(path, size, read_only=False):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def write_raw_safetensors(path: str, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    """A safetensors file of any dtype code: name -> (code, shape, raw bytes)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (code, shape, blob) in tensors.items():
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blob for _, _, blob in tensors.values()))

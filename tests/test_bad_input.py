@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from helpers import ROOT, assert_one_line, call, run_cmd, snapshot
+from helpers import ROOT, assert_one_line, call, run_cmd, snapshot, write_raw_safetensors
 from lmadapt.config import Config, ConfigError, SourceConfig, load_config
 from lmadapt.data.sources import read_source
 from lmadapt.lineage import LineageError, check_version_id
@@ -578,18 +578,6 @@ def test_hf_truncated_or_foreign_weights_file(scratch, hf_dir, cut, garbage):
         with open(weights, "wb") as f:
             f.write(blob[:cut % len(blob)] + garbage if garbage else blob[:cut % len(blob)])
         assert_hf_refused(d, path, weights)
-
-
-def write_raw_safetensors(path: str, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
-    """A safetensors file of any dtype code (numpy has no fp8): name -> (code, shape, raw bytes)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, (code, shape, blob) in tensors.items():
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blob for _, _, blob in tensors.values()))
 
 
 def edit_config(path: str, **changes) -> None:

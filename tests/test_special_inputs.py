@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import ROOT, assert_one_line, call, snapshot
+from helpers import ROOT, assert_one_line, call, snapshot, write_raw_safetensors
 from lmadapt.config import ConfigError, SourceConfig, load_config
 from lmadapt.data import DataError
 from lmadapt.data.sources import read_source
@@ -366,18 +366,6 @@ def test_nonfinite_values_are_counted_over_every_chunk(tmp_path, hf_dir, monkeyp
     save_file(state, weights, metadata={"format": "pt"})
     monkeypatch.setattr(safetensors_io, "_CHUNK", 64)
     raises_one_line(HFError, open_hf(path).load, needles=(f"tensor {name}", "2 of its 512 values"))
-
-
-def write_raw_safetensors(path: str, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
-    """A safetensors file of any dtype code: name -> (code, shape, raw bytes)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, (code, shape, blob) in tensors.items():
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blob for _, _, blob in tensors.values()))
 
 
 @pytest.mark.parametrize(("code", "itemsize"), [("I32", 4), ("I64", 8), ("U8", 1), ("BOOL", 1)])
