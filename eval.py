@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmadapt.config import ConfigError, load_config
     from lmadapt.data import DataError
-    from lmadapt.lineage import LineageError
-    from lmadapt.tokenizer import TokenizerError
+    from lmadapt.data.tokenizers import TokenizerError
+    from lmadapt.lineage.store import LineageError
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, LineageError, TokenizerError)
     if args.hf:
@@ -74,13 +74,13 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg) -> int:
     warning says they could not be cached in it; without --out there is nowhere to write, so that is refused
     before any work."""
     from lmadapt.config import ConfigError
-    from lmadapt.lineage import Lineage
-    from lmadapt.lineage_metrics import unwritable
-    from lmadapt.report import classification_rows, evaluate_versions, write_report
+    from lmadapt.eval.report import classification_rows, evaluate_versions, write_report
+    from lmadapt.lineage.metrics import unwritable
+    from lmadapt.lineage.store import Lineage
 
     if args.hf:
         from lmadapt.hf import open_hf
-        from lmadapt.versioning import import_root
+        from lmadapt.lineage.origin import import_root
 
         ckpt = open_hf(args.hf)  # first: a bad directory leaves no temporary lineage
         tokenizer = ckpt.require_tokenizer()
@@ -174,11 +174,11 @@ def evaluate_run(cfg, step: int | None) -> dict:
     would check it (manifest, else Orbax's commit record, and finite values) before it is scored."""
     import jax
 
-    from lmadapt import resume
     from lmadapt.checkpoint import Checkpointer, CheckpointError
     from lmadapt.config import ConfigError
+    from lmadapt.lineage.origin import resolve_origin
+    from lmadapt.run import resume
     from lmadapt.session import build, run_tokenizer
-    from lmadapt.versioning import resolve_origin
 
     directory = os.path.join(os.path.abspath(cfg.run.dir), "checkpoints")
     origin = resolve_origin(cfg, write=False)

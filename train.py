@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(logging, eval, checkpoint cadence, train.steps upward); never model or tokenizer keys")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 model.d_model=128")
     args = parser.parse_args(argv)
-    from lmadapt.stopflag import StopFlag  # light: SIGTERM while JAX imports or compiles still exits 0
+    from lmadapt.run.stopflag import StopFlag  # light: SIGTERM while JAX imports or compiles still exits 0
 
     with StopFlag() as stop:
         return _run(args, stop)
@@ -36,8 +36,8 @@ def _run(args: argparse.Namespace, stop) -> int:
     from lmadapt.checkpoint import CheckpointError
     from lmadapt.config import ConfigError, load_config
     from lmadapt.data import DataError
-    from lmadapt.guards import TrainingError
-    from lmadapt.lineage import LineageError
+    from lmadapt.lineage.store import LineageError
+    from lmadapt.run.guards import TrainingError
     from lmadapt.session import dry_run
     from lmadapt.trainer import train
 

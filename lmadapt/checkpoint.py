@@ -16,8 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lmadapt import manifest
 from lmadapt.config import CheckpointConfig
+from lmadapt.files import manifest
 
 # Orbax rewrites these at commit, after the manifest is written; everything else in a step is covered.
 ORBAX_COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")

@@ -17,15 +17,16 @@ import jax
 import numpy as np
 import optax
 
-from lmadapt import sharding, strategy
+from lmadapt import sharding
 from lmadapt.config import Config, ConfigError, ModelConfig
+from lmadapt.continual import strategy
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
+from lmadapt.data.tokenizers import Tokenizer, TokenizerError, load_hf_directory_tokenizer
+from lmadapt.lineage.origin import resolve_origin
 from lmadapt.model import Transformer
 from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule, param_paths
-from lmadapt.tokenizer import Tokenizer, TokenizerError, load_hf_directory_tokenizer
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
-from lmadapt.versioning import resolve_origin
 
 
 @dataclasses.dataclass

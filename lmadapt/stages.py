@@ -19,14 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from lmadapt.config import ConfigError, SourceConfig, load_config
-from lmadapt.lineage import Lineage
+from lmadapt.lineage.store import Lineage
 
 
 def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = print, stop: Any = None
                ) -> dict[str, Any] | None:
     """Train every stage of the config at `path`, evaluate all versions on all datasets, write the report.
     `stop`: the caller's StopFlag; a stop signal ends the run after the current stage's checkpoint (None)."""
-    from lmadapt.report import evaluate_versions, loss_matrix, write_report
+    from lmadapt.eval.report import evaluate_versions, loss_matrix, write_report
     from lmadapt.trainer import train
 
     top = load_config(path, overrides)
@@ -85,7 +85,7 @@ def continual_summary(matrix: list[list[float]], versions: list[str], datasets: 
     """BWT and forgetting over the stages (losses: positive forgetting = the loss rose)."""
     if len(versions) < 2 or any(math.isnan(x) for row in matrix for x in row):
         return ""
-    from lmadapt.metrics import continual_report
+    from lmadapt.eval.metrics import continual_report
 
     report = continual_report(matrix, versions, datasets, [datasets.index(t) for t in trained_on],
                               higher_is_better=False)

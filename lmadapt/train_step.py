@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lmadapt import fisher, lora
+from lmadapt.continual import fisher, lora
 
 Batch = dict[str, jax.Array]  # tokens, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] float32
 

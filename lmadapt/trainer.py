@@ -17,15 +17,18 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from lmadapt import fisher, guards, locks, resume, sharding, strategy
+from lmadapt import sharding
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, config_to_dict
-from lmadapt.logs import MetricsLogger
+from lmadapt.continual import fisher, strategy
+from lmadapt.files import locks
+from lmadapt.lineage.origin import publish_run, resolve_origin
 from lmadapt.model import count_params
+from lmadapt.run import guards, resume
+from lmadapt.run.logs import MetricsLogger
+from lmadapt.run.stopflag import StopFlag
 from lmadapt.session import Session, build, run_tokenizer
-from lmadapt.stopflag import StopFlag
 from lmadapt.train_step import TrainState
-from lmadapt.versioning import publish_run, resolve_origin
 
 
 def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, evals: dict[str, float],

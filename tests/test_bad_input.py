@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from helpers import ROOT, assert_one_line, call, run_cmd, snapshot, write_raw_safetensors
 from lmadapt.config import Config, ConfigError, SourceConfig, load_config
 from lmadapt.data.sources import read_source
-from lmadapt.lineage import LineageError, check_version_id
+from lmadapt.lineage.store import LineageError, check_version_id
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (the repository root's train.py)
@@ -442,9 +442,9 @@ def hf_dir(tmp_path_factory):
     from flax import linen as nn
 
     from lmadapt.config import ModelConfig
+    from lmadapt.data.tokenizers import ByteTokenizer
     from lmadapt.hf import export_hf
     from lmadapt.model import init_params
-    from lmadapt.tokenizer import ByteTokenizer
 
     cfg = ModelConfig(family="llama", vocab_size=260, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=32)
     path = str(tmp_path_factory.mktemp("hf") / "tiny-llama")
@@ -615,7 +615,7 @@ def _bad_hf_dir(hf_dir: str, d: str, case: str) -> tuple[str, list[str]]:
         edit_config(path, quantization_config={"quant_method": "gptq", "bits": 4})
         return path, ["config.json", "quantization_config", "quantized"]
     if case == "tokenizer_vocab":
-        from lmadapt.tokenizer import save_hf_tokenizer, train_bpe
+        from lmadapt.data.tokenizers import save_hf_tokenizer, train_bpe
 
         os.remove(os.path.join(path, "tokenizer.bytes"))
         for name in os.listdir(path):
@@ -675,7 +675,7 @@ def test_hf_directory_without_a_tokenizer(tmp_path, hf_dir):
     refused(train.main, base_args(d, f"init.from_hf={path}", f"lineage.dir={lin}"), [d], "init.from_hf", path,
             "no usable tokenizer", "tokenizer.path")
     assert not os.path.exists(lin)
-    from lmadapt.tokenizer import save_hf_tokenizer, train_bpe
+    from lmadapt.data.tokenizers import save_hf_tokenizer, train_bpe
 
     tok_dir = os.path.join(d, "tok")
     os.mkdir(tok_dir)
@@ -701,7 +701,7 @@ def test_dry_run_from_hf_writes_nothing_to_the_lineage(tmp_path, hf_dir):
 
 def test_a_tokenizer_path_other_than_the_versions_is_refused(tmp_path, lineage_dir):
     """A run from a version keeps its tokenizer; naming another one is an error, not silently ignored."""
-    from lmadapt.tokenizer import train_bpe
+    from lmadapt.data.tokenizers import train_bpe
 
     other = str(tmp_path / "other")
     os.mkdir(other)
@@ -717,7 +717,7 @@ def test_a_tokenizer_path_other_than_the_versions_is_refused(tmp_path, lineage_d
 def test_export_onto_an_occupied_target_is_refused_before_reading_params(tmp_path, lineage_dir, monkeypatch):
     """A file, a non-empty directory or a dangling symlink at --out: one line, nothing written, and the params
     are not read first (minutes for a large model). --format safetensors never overwrites a file either."""
-    from lmadapt.lineage import Lineage
+    from lmadapt.lineage.store import Lineage
 
     d = str(tmp_path)
     os.mkdir(os.path.join(d, "full"))

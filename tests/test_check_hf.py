@@ -1,4 +1,4 @@
-"""tools/check_hf.py and lmadapt.logit_check: passes on a correct export of each family, fails (exit 1) on a
+"""tools/check_hf.py and lmadapt.hf.logit_check: passes on a correct export of each family, fails (exit 1) on a
 perturbed weight and on a different tokenizer, exit 2 on bad input, exit 3 without transformers."""
 
 import importlib.util
@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from lmadapt.config import ModelConfig, RopeScalingConfig  # noqa: E402
+from lmadapt.data.tokenizers import train_bpe  # noqa: E402
 from lmadapt.hf import export_hf  # noqa: E402
-from lmadapt.lineage import Lineage  # noqa: E402
-from lmadapt.logit_check import CheckReport, check_hf, check_sides  # noqa: E402
+from lmadapt.hf.logit_check import CheckReport, check_hf, check_sides  # noqa: E402
+from lmadapt.lineage.store import Lineage  # noqa: E402
 from lmadapt.model import init_params  # noqa: E402
-from lmadapt.tokenizer import train_bpe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=80, max_seq_len=64, init_std=0.2)

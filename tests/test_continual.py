@@ -8,7 +8,7 @@ import pytest
 from tests_paths import ROOT, TINY
 
 from lmadapt.config import load_config
-from lmadapt.lineage import Lineage
+from lmadapt.lineage.store import Lineage
 from lmadapt.trainer import train
 
 BOOKS = os.path.join(ROOT, "data", "books_en.txt.xz")

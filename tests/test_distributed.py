@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from helpers import ROOT, run_cmd
-from lmadapt.logs import read_metrics
+from lmadapt.run.logs import read_metrics
 
 
 def free_port() -> int:

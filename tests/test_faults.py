@@ -19,10 +19,10 @@ import pytest
 from helpers import ROOT, run_cmd, tmpfs
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import CheckpointConfig, load_config
-from lmadapt.lineage import Lineage, LineageError
-from lmadapt.logs import read_metrics
+from lmadapt.data.tokenizers import ByteTokenizer
+from lmadapt.lineage.store import Lineage, LineageError
 from lmadapt.model import Transformer
-from lmadapt.tokenizer import ByteTokenizer
+from lmadapt.run.logs import read_metrics
 from lmadapt.train_step import init_state
 from test_lineage import CFG, params  # the same tiny model config and its params
 
@@ -153,8 +153,8 @@ KILLER = textwrap.dedent("""
     import jax, numpy as np
     from lmadapt.config import CheckpointConfig, ModelConfig, RopeScalingConfig
     from lmadapt.checkpoint import Checkpointer
-    from lmadapt.lineage import Lineage
-    from lmadapt.tokenizer import ByteTokenizer
+    from lmadapt.lineage.store import Lineage
+    from lmadapt.data.tokenizers import ByteTokenizer
     calls = [0, None]
     def prof(frame, event, arg):
         if event == "call" and ("orbax" in frame.f_code.co_filename or "lmadapt" in frame.f_code.co_filename):
@@ -243,9 +243,9 @@ def test_two_processes_publishing_at_once(tmp_path):
         import os, sys, time
         import flax.linen as nn, jax
         from lmadapt.config import ModelConfig, RopeScalingConfig
-        from lmadapt.lineage import Lineage, LineageError
+        from lmadapt.lineage.store import Lineage, LineageError
         from lmadapt.model import init_params
-        from lmadapt.tokenizer import ByteTokenizer
+        from lmadapt.data.tokenizers import ByteTokenizer
         cfg = ModelConfig(**CFG)
         p = nn.unbox(init_params(cfg, jax.random.PRNGKey(int(sys.argv[2]))))
         while not os.path.exists(sys.argv[3]):  # start together

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmadapt.config import ModelConfig
-from lmadapt.fisher import (
+from lmadapt.continual.fisher import (
     accumulate_online,
     batch_key,
     ewc_penalty,
@@ -51,7 +51,7 @@ BATCHES = [make_batch(0, 3, 8), make_batch(1, 3, 8, empty_rows=(1,)), make_batch
 
 
 def row_log_likelihood(p, tokens, positions, segment_ids, targets, mask):
-    """sum_t mask_t log p(targets_t) of one row, written independently of lmadapt.fisher."""
+    """sum_t mask_t log p(targets_t) of one row, written independently of lmadapt.continual.fisher."""
     logits = MODEL.apply({"params": p}, tokens[None], positions=positions[None], segment_ids=segment_ids[None])[0]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.sum(mask * jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0])

@@ -255,9 +255,9 @@ def test_update_of_a_bfloat16_import_trains_in_the_runs_param_dtype(tmp_path):
     version with float32 master weights (the default model.param_dtype) loads it cast, on its shardings and in
     either layout, instead of refusing the dtype; a distillation teacher stored in bf16 likewise."""
     from lmadapt.config import load_config
-    from lmadapt.lineage import Lineage
-    from lmadapt.tokenizer import ByteTokenizer
-    from lmadapt.versioning import import_root, resolve_origin
+    from lmadapt.data.tokenizers import ByteTokenizer
+    from lmadapt.lineage.origin import import_root, resolve_origin
+    from lmadapt.lineage.store import Lineage
 
     build_hf_model("qwen2").to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"), safe_serialization=True)
     ckpt = open_hf(str(tmp_path / "bf16"))
@@ -395,7 +395,7 @@ def to_hf_state(family: str):
 def test_tokenizer_travels_with_the_export(tmp_path):
     """A trained tokenizer is exported as tokenizer.json (+ its own file) and comes back from open_hf; the
     special ids land in config.json and generation_config.json."""
-    from lmadapt.tokenizer import ByteTokenizer, train_bpe
+    from lmadapt.data.tokenizers import ByteTokenizer, train_bpe
 
     params, cfg = from_hf(*to_hf_state("qwen2"))
     tok = train_bpe(["def f(x):\n    return x  +  1\n\nprint(f(2))\n" * 50, "some text to learn from " * 50], 280)

@@ -18,8 +18,8 @@ from tokenizers import Tokenizer as Backend  # noqa: E402
 
 import eval as eval_py  # noqa: E402
 import train  # noqa: E402
-from lmadapt.lineage import Lineage  # noqa: E402
-from lmadapt.tokenizer import load_tokenizer  # noqa: E402
+from lmadapt.data.tokenizers import load_tokenizer  # noqa: E402
+from lmadapt.lineage.store import Lineage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

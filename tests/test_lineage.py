@@ -14,9 +14,9 @@ import pytest
 
 from helpers import ROOT, call, call_out, run_cmd
 from lmadapt.config import ModelConfig
-from lmadapt.lineage import Lineage, LineageError, check_version_id
+from lmadapt.data.tokenizers import ByteTokenizer
+from lmadapt.lineage.store import Lineage, LineageError, check_version_id
 from lmadapt.model import init_params
-from lmadapt.tokenizer import ByteTokenizer
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (the repository root's train.py)
@@ -88,9 +88,9 @@ def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
         import os, signal
         import flax.linen as nn, jax
         from lmadapt.config import ModelConfig, RopeScalingConfig
-        from lmadapt.lineage import Lineage
+        from lmadapt.lineage.store import Lineage
         from lmadapt.model import init_params
-        from lmadapt.tokenizer import ByteTokenizer
+        from lmadapt.data.tokenizers import ByteTokenizer
         cfg = ModelConfig(**{CFG.__dict__!r})
         real_rename = os.rename
         os.rename = lambda a, b: os.kill(os.getpid(), signal.SIGKILL) if "/versions/" in str(b) else real_rename(a, b)

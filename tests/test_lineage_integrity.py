@@ -19,11 +19,11 @@ import jax
 import pytest
 
 from helpers import ROOT, assert_one_line, call, snapshot, tmpfs
-from lmadapt import locks
 from lmadapt.config import ModelConfig
-from lmadapt.lineage import Lineage, LineageError
+from lmadapt.data.tokenizers import ByteTokenizer
+from lmadapt.files import locks
+from lmadapt.lineage.store import Lineage, LineageError
 from lmadapt.model import init_params
-from lmadapt.tokenizer import ByteTokenizer
 
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -269,7 +269,7 @@ def test_a_read_only_lineage_is_read_and_never_written(base, corpus, tmp_path, m
         for argv in (["list"], ["tree"], ["show", "v1"], ["diff", "v0", "v1"], ["verify"]):
             rc, out, err = cli("--dir", lin, *argv)
             assert rc == 0 and not err, (argv, err)
-        from lmadapt import report
+        from lmadapt.eval import report
 
         real = report.lm_scores
         monkeypatch.setattr(report, "lm_scores", lambda *a, **k: pytest.fail("computed before refusing"))
@@ -321,7 +321,8 @@ def test_the_commit_rename_stays_the_last_defence(lin, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's threads, on ENOSPC
 def test_a_full_disk_or_a_failed_write_publishes_nothing_and_leaves_no_staging(lin, tmp_path, monkeypatch):
-    from lmadapt import lineage_publish, manifest
+    from lmadapt.files import manifest
+    from lmadapt.lineage import publish as lineage_publish
 
     with tmpfs(tmp_path / "small", "100k") as mount:
         small = str(mount / "lin")

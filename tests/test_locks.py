@@ -11,9 +11,9 @@ import pytest
 
 from helpers import ROOT
 from lmadapt.config import ConfigError
-from lmadapt.locks import LockHeld, exclusive
+from lmadapt.files.locks import LockHeld, exclusive
 
-HOLD = ("import sys; from lmadapt.locks import exclusive\n"
+HOLD = ("import sys; from lmadapt.files.locks import exclusive\n"
         "with exclusive(sys.argv[1], 'x'):\n print('held', flush=True)\n sys.stdin.read()")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmadapt.config import ModelConfig
-from lmadapt.lora import TARGETS, box_lora, delta, init_lora, lora_scale, merge
+from lmadapt.continual.lora import TARGETS, box_lora, delta, init_lora, lora_scale, merge
 from lmadapt.model import Transformer, init_params
 
 # Test-side jits compile with LLVM's optimisations off: about half the CPU compile time, same results up to rounding.

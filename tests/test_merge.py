@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmadapt.merge import average, check_compatible, interpolate
+from lmadapt.continual.merge import average, check_compatible, interpolate
 
 
 def tree(x: float, y: float, dtype=jnp.float32):

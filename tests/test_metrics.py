@@ -1,4 +1,4 @@
-"""lmadapt.metrics against hand-computed values (continual-learning and classification metrics, tables)."""
+"""lmadapt.eval.metrics against hand-computed values (continual-learning and classification metrics, tables)."""
 
 import csv
 import io
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lmadapt.metrics import (
+from lmadapt.eval.metrics import (
     ContinualReport,
     average_score,
     backward_transfer,

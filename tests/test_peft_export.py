@@ -15,12 +15,12 @@ import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from lmadapt.config import ModelConfig  # noqa: E402
+from lmadapt.continual.lora import TARGETS, init_lora, lora_scale, merge  # noqa: E402
+from lmadapt.data.tokenizers import ByteTokenizer  # noqa: E402
 from lmadapt.hf import HFError  # noqa: E402
-from lmadapt.lineage import Lineage  # noqa: E402
-from lmadapt.lora import TARGETS, init_lora, lora_scale, merge  # noqa: E402
+from lmadapt.hf.peft import peft_state  # noqa: E402
+from lmadapt.lineage.store import Lineage  # noqa: E402
 from lmadapt.model import init_params, stack_layers  # noqa: E402
-from lmadapt.peft_export import peft_state  # noqa: E402
-from lmadapt.tokenizer import ByteTokenizer  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""lmadapt.plots: every plot writes a real, non-blank PNG, atomically, into directories it creates."""
+"""lmadapt.eval.plots: every plot writes a real, non-blank PNG, atomically, into directories it creates."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from lmadapt.plots import heatmap, loss_across_versions, training_curves
+from lmadapt.eval.plots import heatmap, loss_across_versions, training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ import numpy as np
 from matplotlib import image
 
 from helpers import run_cmd
-from lmadapt.lineage import Lineage
-from lmadapt.logs import read_metrics
+from lmadapt.lineage.store import Lineage
+from lmadapt.run.logs import read_metrics
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import ROOT, assert_one_line, call, run_cmd, snapshot
-from lmadapt import locks
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import CheckpointConfig, load_config
+from lmadapt.files import locks
 from lmadapt.session import build
 from lmadapt.trainer import RUN_LOCK
 
@@ -185,8 +185,8 @@ def test_sigterm_during_start_up_exits_zero_having_trained_nothing(tmp_path, dat
 
 
 def test_starting_from_a_version_with_non_finite_params_is_refused(finished, tmp_path, data_cache):
-    from lmadapt.lineage import Lineage
-    from lmadapt.tokenizer import ByteTokenizer
+    from lmadapt.data.tokenizers import ByteTokenizer
+    from lmadapt.lineage.store import Lineage
 
     cfg = load_config(os.path.join(finished, "config.yaml"))
     session = build(cfg, devices=jax.devices()[:1])

@@ -222,7 +222,7 @@ def test_file_errors_still_name_the_file_beside_overrides(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_special_tokenizer_path_is_named(tmp_path, kind):
-    from lmadapt.tokenizer import TokenizerError, load_tokenizer
+    from lmadapt.data.tokenizers import TokenizerError, load_tokenizer
 
     path = make_special(str(tmp_path / "tokenizer.json"), kind)
     raises_one_line(TokenizerError, load_tokenizer, path, needles=(path, KINDS[kind], "not a regular file"))
@@ -230,7 +230,7 @@ def test_special_tokenizer_path_is_named(tmp_path, kind):
 
 
 def test_special_tokenizer_config_beside_a_real_tokenizer_is_named(tmp_path):
-    from lmadapt.tokenizer import TokenizerError, load_tokenizer, save_hf_tokenizer, train_bpe
+    from lmadapt.data.tokenizers import TokenizerError, load_tokenizer, save_hf_tokenizer, train_bpe
 
     save_hf_tokenizer(train_bpe(["a small tokenizer " * 20], 262), str(tmp_path))
     os.remove(tmp_path / "tokenizer_config.json")
@@ -245,9 +245,9 @@ def test_special_tokenizer_config_beside_a_real_tokenizer_is_named(tmp_path):
 def hf_dir(tmp_path_factory):
     """A tiny Llama HF directory written with numpy from the conversion rules (no model init, torch or network)."""
     from lmadapt.config import ModelConfig
+    from lmadapt.data.tokenizers import ByteTokenizer, save_hf_tokenizer
     from lmadapt.hf import config_to_hf, rules_for
     from lmadapt.hf.rules import hf_tensors
-    from lmadapt.tokenizer import ByteTokenizer, save_hf_tokenizer
 
     cfg = ModelConfig(family="llama", vocab_size=260, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=32)
     path = tmp_path_factory.mktemp("hf") / "tiny-llama"

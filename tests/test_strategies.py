@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmadapt import lora
+from lmadapt.continual import lora
 from lmadapt.session import build
 from lmadapt.train_step import kl_sums
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from helpers import run_cmd
-from lmadapt.logs import read_metrics
+from lmadapt.run.logs import read_metrics
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 

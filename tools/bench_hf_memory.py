@@ -64,7 +64,7 @@ def write_checkpoint(directory: str, shape: str, dtype: str) -> None:
     if len(shards) > 1:
         write_json(os.path.join(directory, INDEX_FILE), index_json(specs, shards))
     write_json(os.path.join(directory, CONFIG_FILE), config_to_hf(cfg, dtype))
-    from lmadapt.tokenizer import ByteTokenizer
+    from lmadapt.data.tokenizers import ByteTokenizer
 
     ByteTokenizer().save(directory)
 

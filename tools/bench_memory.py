@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from lmadapt.config import ConfigError, load_config  # noqa: E402
+from lmadapt.lineage.origin import resolve_origin  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
 from lmadapt.session import build  # noqa: E402
 from lmadapt.trainer import train  # noqa: E402
-from lmadapt.versioning import resolve_origin  # noqa: E402
 from tools.bench_train import compiled_memory  # noqa: E402
 
 STRATEGIES = {

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sentencepiece as spm  # noqa: E402
 
-from lmadapt.tokenizer import SentencePieceTokenizer, Tokenizer, train_bpe, train_sentencepiece  # noqa: E402
-from lmadapt.tokenizer_hf import GPT2_PATTERN  # noqa: E402
+from lmadapt.data.tokenizers import SentencePieceTokenizer, Tokenizer, train_bpe, train_sentencepiece  # noqa: E402
+from lmadapt.data.tokenizers.hf import GPT2_PATTERN  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPORA = ("shakespeare", "python_docs", "books_en")

@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lmadapt.config import ConfigError
+    from lmadapt.data.tokenizers import TokenizerError
     from lmadapt.hf import HFError
-    from lmadapt.lineage import LineageError
-    from lmadapt.logit_check import CheckError, check_hf, read_texts
-    from lmadapt.tokenizer import TokenizerError
+    from lmadapt.hf.logit_check import CheckError, check_hf, read_texts
+    from lmadapt.lineage.store import LineageError
 
     try:
         import transformers

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmadapt.checkpoint import Checkpointer
     from lmadapt.config import CheckpointConfig
-    from lmadapt.resume import checkpoint_problems, manifest_present
+    from lmadapt.run.resume import checkpoint_problems, manifest_present
 
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     damaged = 0

@@ -82,8 +82,8 @@ def train_version(args, out, tok, vid, overrides, log) -> float:
 
 def score_row(args, out, vid) -> list[float]:
     from lmadapt.config import SourceConfig
-    from lmadapt.lineage import Lineage
-    from lmadapt.report import evaluate_versions
+    from lmadapt.eval.report import evaluate_versions
+    from lmadapt.lineage.store import Lineage
 
     sources = [SourceConfig(**d) for d in DOMAINS]
     rows = evaluate_versions(Lineage(f"{out}/lineage"), [vid], sources, seq_len=128, batch_size=16,
@@ -110,9 +110,9 @@ def main() -> int:
     quiet = lambda s: None  # noqa: E731
     from lmadapt.config import SourceConfig
     from lmadapt.data.sources import read_source
-    from lmadapt.lineage import Lineage
-    from lmadapt.metrics import continual_report
-    from lmadapt.tokenizer import train_sentencepiece
+    from lmadapt.data.tokenizers import train_sentencepiece
+    from lmadapt.eval.metrics import continual_report
+    from lmadapt.lineage.store import Lineage
 
     tok = os.path.join(out, "tokenizer.model")
     if not os.path.isfile(tok):  # one tokenizer for every domain, so losses are comparable across versions
@@ -160,7 +160,7 @@ def main() -> int:
 
 def report(results: dict[str, dict[str, Any]], ref_avg: float, ref_tokens: int, joint: list[float],
            out: str) -> int:
-    from lmadapt.metrics import markdown_table
+    from lmadapt.eval.metrics import markdown_table
 
     naive = results.get("naive")
     rows = []

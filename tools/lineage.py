@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from lmadapt.lineage import Lineage, LineageError, check_version_id  # noqa: E402
-from lmadapt.lineage_records import read_json_object  # noqa: E402
+from lmadapt.lineage.records import read_json_object  # noqa: E402
+from lmadapt.lineage.store import Lineage, LineageError, check_version_id  # noqa: E402
 
 
 def cmd_list(lineage: Lineage, args: argparse.Namespace) -> int:
@@ -234,7 +234,7 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
             remove_made(made)
             raise
     else:
-        from lmadapt.peft_export import version_adapter
+        from lmadapt.hf.peft import version_adapter
 
         # A LoRA version's adapters are converted before anything is written, then go to OUT/adapter.
         adapter, note = version_adapter(lineage, args.id, args.peft_base)
@@ -251,7 +251,7 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
 
 def cmd_merge(lineage: Lineage, args: argparse.Namespace) -> int:
     """Average versions (model soup) or interpolate one with another (WiSE-FT) into a new version."""
-    from lmadapt import merge
+    from lmadapt.continual import merge
 
     if args.command == "interpolate":
         sources = [args.a, args.b or (lineage.parents(args.a) or [None])[0]]
@@ -280,7 +280,7 @@ def cmd_merge(lineage: Lineage, args: argparse.Namespace) -> int:
 
 def cmd_import_hf(lineage: Lineage, args: argparse.Namespace) -> int:
     from lmadapt.hf import open_hf
-    from lmadapt.versioning import import_root
+    from lmadapt.lineage.origin import import_root
 
     if args.id is not None:
         check_version_id(args.id)  # before the import's work, and so that --id "" is not taken as no id
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"list": cmd_list, "show": cmd_show, "tree": cmd_tree, "diff": cmd_diff, "verify": cmd_verify,
                 "export": cmd_export, "import-hf": cmd_import_hf, "merge": cmd_merge, "interpolate": cmd_merge}
     from lmadapt.config import ConfigError
-    from lmadapt.tokenizer import TokenizerError
+    from lmadapt.data.tokenizers import TokenizerError
 
     errors: tuple[type[Exception], ...] = (LineageError, ConfigError, TokenizerError)
     try:

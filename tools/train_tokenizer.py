@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lmadapt.config import ConfigError, SourceConfig, load_config  # noqa: E402
 from lmadapt.data import DataError  # noqa: E402
 from lmadapt.data.sources import read_source  # noqa: E402
-from lmadapt.tokenizer import TokenizerError, train_bpe, train_sentencepiece  # noqa: E402
-from lmadapt.tokenizer_base import write_atomic  # noqa: E402
+from lmadapt.data.tokenizers import TokenizerError, train_bpe, train_sentencepiece  # noqa: E402
+from lmadapt.data.tokenizers.base import write_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

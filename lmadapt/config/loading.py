@@ -16,7 +16,7 @@ import yaml
 
 from lmadapt.config.schema import Config, ConfigError
 from lmadapt.config.validation import validate
-from lmadapt.paths import file_problem, open_regular
+from lmadapt.files.paths import file_problem, open_regular
 
 # --------------------------------------------------------------------------------------------------
 # Loading

@@ -27,7 +27,7 @@ from lmadapt.data import DataError
 from lmadapt.data.packing import Batch, PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
-from lmadapt.tokenizer import (
+from lmadapt.data.tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
     Tokenizer,

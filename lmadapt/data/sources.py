@@ -21,7 +21,7 @@ from typing import Any
 
 from lmadapt.config import SourceConfig
 from lmadapt.data import DataError
-from lmadapt.paths import Found, dir_problem, file_problem, open_regular, walk_files
+from lmadapt.files.paths import Found, dir_problem, file_problem, open_regular, walk_files
 
 
 @dataclasses.dataclass(frozen=True)

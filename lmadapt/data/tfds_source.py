@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lmadapt.data import DataError
-from lmadapt.paths import dir_problem, walk_files
+from lmadapt.files.paths import dir_problem, walk_files
 
 # Records fetched per `__getitems__` call: batched reads are much faster than one `source[i]` at a time, and
 # chunking bounds the memory held in decoded example dicts.

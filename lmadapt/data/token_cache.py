@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmadapt.data.sources import Document, SourceRead
-from lmadapt.tokenizer import Tokenizer
+from lmadapt.data.tokenizers import Tokenizer
 
 CACHE_FORMAT = 1
 _ENCODE_CHUNK = 256  # documents per encode call: bounded memory, still batched

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 
 from lmadapt.config import ModelConfig
+from lmadapt.data.tokenizers import Tokenizer, TokenizerError, load_hf_directory_tokenizer
+from lmadapt.files.paths import dir_problem, file_problem
 from lmadapt.hf.common import CONFIG_FILE, HFError, read_json
 from lmadapt.hf.configs import config_from_hf
 from lmadapt.hf.rules import Rule, hf_tensors, rules_for, stacked_path, tree_set
 from lmadapt.hf.safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor, unsupported_dtype, weight_files
-from lmadapt.paths import dir_problem, file_problem
-from lmadapt.tokenizer import Tokenizer, TokenizerError, load_hf_directory_tokenizer
 
 # Buffers some checkpoints carry that hold no weights (causal masks, RoPE frequencies): safe to drop.
 BUFFERS = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")

@@ -22,6 +22,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from lmadapt.config import ModelConfig
+from lmadapt.data.tokenizers import HFTokenizer, Tokenizer, TokenizerError, save_hf_tokenizer
 from lmadapt.hf.common import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
@@ -38,7 +39,6 @@ from lmadapt.hf.common import (
 from lmadapt.hf.configs import config_to_hf, generation_config
 from lmadapt.hf.rules import assemble, hf_tensors, rules_for, stacked_path
 from lmadapt.hf.safetensors_io import StreamingWriter, dtype_code, index_json, plan_shards, shard_names
-from lmadapt.tokenizer import HFTokenizer, Tokenizer, TokenizerError, save_hf_tokenizer
 
 
 def _host(x: Any) -> np.ndarray:

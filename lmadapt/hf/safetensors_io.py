@@ -19,8 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from lmadapt.files.paths import file_problem, special_problem
 from lmadapt.hf.common import INDEX_FILE, WEIGHTS_FILE, HFError, read_json
-from lmadapt.paths import file_problem, special_problem
 
 # The float dtypes weights may be stored in; integer and 8-bit float tensors are quantized weights.
 FLOAT_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),

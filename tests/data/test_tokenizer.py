@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import ROOT
-from lmadapt.evaluate import token_bytes
-from lmadapt.tokenizer import (
+from lmadapt.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
@@ -27,6 +26,7 @@ from lmadapt.tokenizer import (
     train_bpe,
     train_sentencepiece,
 )
+from lmadapt.eval.scoring import token_bytes
 
 ISSUE_EXAMPLE = "def f(x):\n    return x  +  1\n\nprint(f(2))"
 # Pieces that trip normalising tokenizers: code, whitespace runs, tabs, CRLF, emoji (with ZWJ), CJK,

@@ -17,8 +17,7 @@ from test_tokenizer import ISSUE_EXAMPLE, PIECES
 from helpers import ROOT
 from lmadapt.config import TokenizerConfig
 from lmadapt.data.pipeline import resolve_tokenizer
-from lmadapt.evaluate import token_bytes
-from lmadapt.tokenizer import (
+from lmadapt.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
@@ -29,7 +28,8 @@ from lmadapt.tokenizer import (
     train_bpe,
     train_sentencepiece,
 )
-from lmadapt.tokenizer_hf import LLAMA3_PATTERN
+from lmadapt.data.tokenizers.hf import LLAMA3_PATTERN
+from lmadapt.eval.scoring import token_bytes
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
@@ -222,7 +222,7 @@ def test_a_changed_export_is_read_as_its_tokenizer_json(exported, tmp_path):
 
 
 def test_an_inexact_sentencepiece_conversion_is_refused(exported, tmp_path, monkeypatch):
-    from lmadapt import tokenizer_export
+    from lmadapt.data.tokenizers import export as tokenizer_export
 
     tok, _ = exported["sentencepiece"]
     monkeypatch.setattr(tokenizer_export, "sentencepiece_tokenizer_json",

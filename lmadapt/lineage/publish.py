@@ -20,9 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lmadapt import manifest, paths
-from lmadapt.lineage_records import LineageError
-from lmadapt.tokenizer import Tokenizer
+from lmadapt.data.tokenizers import Tokenizer
+from lmadapt.files import manifest, paths
+from lmadapt.lineage.records import LineageError
 
 RECORD = "record.json"
 OWNER = "owner.json"  # in a staging directory: which host and process is writing it

@@ -1,4 +1,4 @@
-"""The results of a logit check (`lmadapt.logit_check`) and the report tools/check_hf.py prints.
+"""The results of a logit check (`lmadapt.hf.logit_check`) and the report tools/check_hf.py prints.
 
 `CheckReport.failures()` decides: a tokenizer difference, a max |logit difference| above atol (NaN included), a
 greedy-decode difference that is no near tie, or a problem outside those (transformers cannot load the directory,

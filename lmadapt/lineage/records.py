@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lmadapt import paths
+from lmadapt.files import paths
 
 VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Field -> (accepted types, how an error message says it); bool is refused where an int is wanted.

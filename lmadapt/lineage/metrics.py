@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from lmadapt.lineage_records import VERSION_ID, LineageError, read_json_object
+from lmadapt.lineage.records import VERSION_ID, LineageError, read_json_object
 
 
 def warn(message: str) -> None:

@@ -1,7 +1,7 @@
 """The two sides a logit check compares: a model run by lmadapt and the same checkpoint run by transformers.
 
 Both offer one interface (`Side`): encode texts, logits of one row, greedy decode with the KV cache, decode ids.
-`lmadapt.logit_check` compares a candidate side against a reference side; which is which is its business.
+`lmadapt.hf.logit_check` compares a candidate side against a reference side; which is which is its business.
 
     cand = lmadapt_from_hf("out/hf", dtype="float32")                       # DIR's own weights, via lmadapt.hf
     cand = lmadapt_from_lineage("lineage", "v3", dtype="float32")           # a lineage version's params
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmadapt.config import ModelConfig
+from lmadapt.data.tokenizers import Tokenizer
 from lmadapt.model import ConfigKey, Transformer
-from lmadapt.tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16")
 
@@ -121,7 +121,7 @@ def lmadapt_from_hf(directory: str, dtype: str = "float32") -> LmadaptSide:
 
 def lmadapt_from_lineage(lineage_dir: str, version: str, dtype: str = "float32") -> LmadaptSide:
     """A lineage version's params, model config and tokenizer (LineageError on bad input)."""
-    from lmadapt.lineage import Lineage, LineageError
+    from lmadapt.lineage.store import Lineage, LineageError
 
     if not os.path.isdir(lineage_dir):
         raise LineageError(f"lineage directory {lineage_dir!r} not found")

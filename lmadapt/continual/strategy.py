@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmadapt import lora
 from lmadapt.config import Config, ModelConfig
+from lmadapt.continual import lora
 from lmadapt.model import Transformer
 from lmadapt.optim import group_labels, trainable_mask
 from lmadapt.train_step import Objective, TrainState, init_state

@@ -1,12 +1,12 @@
 """Tokenizers: one interface over raw bytes, SentencePiece models and Hugging Face `tokenizer.json` files.
 
 Kinds (each in its own module, all importable from here):
-  bytes          `ByteTokenizer`: UTF-8 bytes, no model (lmadapt.tokenizer_base)
+  bytes          `ByteTokenizer`: UTF-8 bytes, no model (lmadapt.data.tokenizers.base)
   sentencepiece  `SentencePieceTokenizer`: any `.model` file; `train_sentencepiece` trains a lossless one
-                 (lmadapt.tokenizer_spm)
+                 (lmadapt.data.tokenizers.spm)
   hf             `HFTokenizer`: any `tokenizer.json` with its tokenizer_config.json, encoding as transformers'
                  AutoTokenizer; `train_bpe` trains the lossless byte-level BPE the bundled configs use
-                 (lmadapt.tokenizer_hf)
+                 (lmadapt.data.tokenizers.hf)
 A tokenizer is identified by its `fingerprint` (a hash of its model file), which keys the token cache; it
 travels with every checkpoint and model version as the files `save` writes, so a version is self-contained.
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from lmadapt import paths
-from lmadapt.paths import special_problem
-from lmadapt.tokenizer_base import (
+from lmadapt.data.tokenizers.base import (
     BYTES_FILE,
     EXPORT_SOURCE_FILE,
     HF_CONFIG_FILE,
@@ -28,9 +26,17 @@ from lmadapt.tokenizer_base import (
     Tokenizer,
     TokenizerError,
 )
-from lmadapt.tokenizer_export import save_hf_tokenizer
-from lmadapt.tokenizer_hf import HFTokenizer, load_hf_tokenizer, pick_chat_template, read_tokenizer_config, train_bpe
-from lmadapt.tokenizer_spm import SentencePieceTokenizer, train_sentencepiece
+from lmadapt.data.tokenizers.export import save_hf_tokenizer
+from lmadapt.data.tokenizers.hf import (
+    HFTokenizer,
+    load_hf_tokenizer,
+    pick_chat_template,
+    read_tokenizer_config,
+    train_bpe,
+)
+from lmadapt.data.tokenizers.spm import SentencePieceTokenizer, train_sentencepiece
+from lmadapt.files import paths
+from lmadapt.files.paths import special_problem
 
 __all__ = ["BYTES_FILE", "HF_CONFIG_FILE", "HF_TOKENIZER_FILE", "TOKENIZER_FILE", "ByteTokenizer", "HFTokenizer",
            "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "load_hf_directory_tokenizer",

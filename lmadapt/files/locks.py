@@ -22,8 +22,8 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from lmadapt import paths
 from lmadapt.config import ConfigError
+from lmadapt.files import paths
 
 
 class LockHeld(ConfigError):

@@ -1,6 +1,6 @@
 """The tokenizer interface every kind implements, its error, and the byte tokenizer (no model at all).
 
-`lmadapt.tokenizer` re-exports everything here; import from there.
+`lmadapt.data.tokenizers` re-exports everything here; import from there.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from lmadapt.paths import open_regular
-from lmadapt.tokenizer_base import HF_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
+from lmadapt.data.tokenizers.base import HF_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
+from lmadapt.files.paths import open_regular
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
-from lmadapt.lineage import Lineage, LineageError, params_hash
-from lmadapt.tokenizer import Tokenizer, TokenizerError
+from lmadapt.data.tokenizers import Tokenizer, TokenizerError
+from lmadapt.lineage.store import Lineage, LineageError, params_hash
 
 # Model options a run may change when it starts from a version: they do not change the function.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention")

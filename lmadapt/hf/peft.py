@@ -9,7 +9,7 @@ names, bias "none", fan_in_fan_out false, no rslora/DoRA) and `adapter_model.saf
 `base_model.model.<HF module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r], float32.
 
 Why this is the same function: an lmadapt adapter on kernel W [*in, *out] adds scale * A B with A [*in, r],
-B [r, *out] and scale = alpha / rank (`lmadapt.lora.lora_scale`). The HF weight of that kernel is
+B [r, *out] and scale = alpha / rank (`lmadapt.continual.lora.lora_scale`). The HF weight of that kernel is
 W.reshape(in, out).T (`lmadapt.hf.rules`: q/k/v/o/gate/up/down are reshaped and transposed, nothing else), so
 its update is scale * (B.reshape(r, out).T) (A.reshape(in, r).T): PEFT's lora_B [out, r] @ lora_A [r, in] times
 its scaling lora_alpha / r (use_rslora false), which is lmadapt's scale when lora_alpha = alpha.
@@ -33,8 +33,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lmadapt.config import ModelConfig
+from lmadapt.continual.lora import PROJECTIONS
 from lmadapt.hf import HFError, rules_for
-from lmadapt.lora import PROJECTIONS
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -176,7 +176,7 @@ def base_of(lineage: Any, version_id: str) -> tuple[str | None, str | None]:
 
 def version_adapter(lineage: Any, version_id: str, base_model_name_or_path: str | None = None
                     ) -> tuple[PeftAdapter | None, str]:
-    """(the PEFT adapter of version `version_id` of `lineage` (a `lmadapt.lineage.Lineage`), a line to print).
+    """(the PEFT adapter of version `version_id` of `lineage` (a `lmadapt.lineage.store.Lineage`), a line to print).
 
     (None, "") for a version without a "lora" artifact; (None, why) for a family without a PEFT form (gpt2).
     base_model_name_or_path: what adapter_config.json names as the base; default the Hugging Face directory the

@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmadapt import lineage_metrics
 from lmadapt.config import ConfigError, SourceConfig
 from lmadapt.data.sources import read_source
-from lmadapt.evaluate import classify, dataset_key, lm_scores
-from lmadapt.lineage import Lineage, LineageError
+from lmadapt.eval.scoring import classify, dataset_key, lm_scores
+from lmadapt.lineage import metrics as lineage_metrics
+from lmadapt.lineage.store import Lineage, LineageError
 
 LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"]
 
@@ -114,7 +114,7 @@ class _Cacher:
 def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
                         val_fraction: float, seed: int, max_examples: int) -> list[dict[str, Any]]:
     """Accuracy, macro precision/recall/F1 and the confusion matrix per (version, classification dataset)."""
-    from lmadapt.metrics import classification_report
+    from lmadapt.eval.metrics import classification_report
 
     rows = []
     for vid in versions:
@@ -133,7 +133,7 @@ def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Seq
 def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versions: Sequence[str],
                  datasets: Sequence[str], classification: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """results.json / results.csv / results.md (+ heatmap.png, loss_by_version.png); returns their paths."""
-    from lmadapt.metrics import csv_text, markdown_table
+    from lmadapt.eval.metrics import csv_text, markdown_table
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
@@ -146,7 +146,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versio
                f"{c['macro_f1']:.4f}")
     _write(paths["markdown"], md + "\n")
     if plot and rows:
-        from lmadapt.plots import heatmap, loss_across_versions
+        from lmadapt.eval.plots import heatmap, loss_across_versions
 
         matrix = [[_loss(rows, v, d) for d in datasets] for v in versions]
         paths["heatmap"] = heatmap(matrix, list(versions), list(datasets), os.path.join(out_dir, "heatmap.png"),

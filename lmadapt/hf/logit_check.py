@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lmadapt.logit_report import CheckReport, GenerationResult, LogitResult, TokenizerResult
-from lmadapt.logit_sides import (
+from lmadapt.hf.logit_report import CheckReport, GenerationResult, LogitResult, TokenizerResult
+from lmadapt.hf.logit_sides import (
     DTYPES,
     LmadaptSide,
     Side,

@@ -18,9 +18,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
-from lmadapt import paths
-from lmadapt.paths import file_problem, open_regular, special_problem
-from lmadapt.tokenizer_base import HF_CONFIG_FILE, HF_TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
+from lmadapt.data.tokenizers.base import HF_CONFIG_FILE, HF_TOKENIZER_FILE, Tokenizer, TokenizerError, write_atomic
+from lmadapt.files import paths
+from lmadapt.files.paths import file_problem, open_regular, special_problem
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.47 saves a single chat template
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"

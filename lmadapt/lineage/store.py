@@ -35,12 +35,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lmadapt import lineage_metrics, lineage_publish, lineage_records, locks, manifest, paths
 from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
-from lmadapt.lineage_records import VERSION_ID, LineageError, check_version_id
+from lmadapt.data.tokenizers import Tokenizer, load_tokenizer
+from lmadapt.files import locks, manifest, paths
+from lmadapt.lineage import metrics as lineage_metrics
+from lmadapt.lineage import publish as lineage_publish
+from lmadapt.lineage import records as lineage_records
+from lmadapt.lineage.records import VERSION_ID, LineageError, check_version_id
 from lmadapt.model import stack_layers, unstack_layers
-from lmadapt.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["VERSION_ID", "Lineage", "LineageError", "check_version_id", "params_hash"]
 RECORD, MANIFEST = "record.json", manifest.MANIFEST

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmadapt import paths
 from lmadapt.checkpoint import Checkpointer, CheckpointError
 from lmadapt.config import Config, ConfigError, config_to_dict, section_from_dict
-from lmadapt.manifest import MANIFEST, summary
+from lmadapt.files import paths
+from lmadapt.files.manifest import MANIFEST, summary
 
 # Keys a restart may change without asking: where and how often things are logged, evaluated, saved and
 # published, how the job is laid out on devices, and implementation choices that compute the same math.

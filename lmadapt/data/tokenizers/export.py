@@ -28,7 +28,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from lmadapt.tokenizer_base import (
+from lmadapt.data.tokenizers.base import (
     BYTES_FILE,
     EXPORT_SOURCE_FILE,
     HF_CONFIG_FILE,
@@ -39,8 +39,8 @@ from lmadapt.tokenizer_base import (
     TokenizerError,
     write_atomic,
 )
-from lmadapt.tokenizer_hf import SPECIAL_TOKENS_MAP_FILE, HFTokenizer, byte_decoder
-from lmadapt.tokenizer_spm import SentencePieceTokenizer
+from lmadapt.data.tokenizers.hf import SPECIAL_TOKENS_MAP_FILE, HFTokenizer, byte_decoder
+from lmadapt.data.tokenizers.spm import SentencePieceTokenizer
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
 PROBES = ["def f(x):\n    return x  +  1\n\nprint(f(2))\n", "\tif a:\n\t\tb = 'c'\r\n", "  leading", "trailing  ",

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from lmadapt import paths
+from lmadapt.files import paths
 
 MANIFEST = "MANIFEST.json"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt")

@@ -23,8 +23,8 @@ import numpy as np
 from lmadapt.config import DataConfig, ModelConfig, SourceConfig, TokenizerConfig
 from lmadapt.data.pipeline import build_pipeline, split_documents
 from lmadapt.data.sources import read_source
+from lmadapt.data.tokenizers import Tokenizer
 from lmadapt.model import ConfigKey, Transformer
-from lmadapt.tokenizer import Tokenizer
 
 
 def dataset_key(src: SourceConfig, fingerprint: dict[str, Any], tokenizer: Tokenizer, val_fraction: float,

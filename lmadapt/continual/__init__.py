@@ -1,0 +1,1 @@
+"""Continual-update methods."""
