@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmadapt.model import ConfigKey, Transformer, init_cache
+from lmadapt.config import ModelConfig
+from lmadapt.model import Transformer, init_cache
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int | None = None,
@@ -58,14 +59,15 @@ def generate(model: Transformer, params: Any, prompt: jax.Array, max_new_tokens:
                          f"model.max_seq_len={model.config.max_seq_len}")
     if max_new_tokens == 0:
         return prompt
-    fn = _compiled(type(model), ConfigKey(model.config), max_new_tokens, temperature, top_k, top_p, eos_id)
+    fn = _compiled(type(model), model.config, max_new_tokens, temperature, top_k, top_p, eos_id)
     return fn(params, prompt, rng)
 
 
+# Keyed on the (frozen, hashable) config itself: equal configs share one compiled loop.
 @functools.lru_cache(maxsize=32)
-def _compiled(model_cls: type[Transformer], key: ConfigKey, max_new_tokens: int, temperature: float,
+def _compiled(model_cls: type[Transformer], config: ModelConfig, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, eos_id: int | None) -> Callable:
-    model = model_cls(key.config)
+    model = model_cls(config)
     return jax.jit(functools.partial(_generate, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, eos_id=eos_id))
 

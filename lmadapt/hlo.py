@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: counting collectives in HLO text needs none of the training stack
+    from lmadapt.session import Session
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")
 # "%name = f32[8,16]{1,0} all-reduce(...)" or a tuple result "(f32[8], f32[4,4]) all-reduce(...)";
@@ -31,6 +34,7 @@ class Collectives:
     bytes: Counter = field(default_factory=Counter)
 
     def table(self) -> str:
+        """A text table: one row per kind that occurs, with its op count and MiB per device."""
         lines = [f"{'collective':<20} {'ops':>5} {'MiB/device':>11}"]
         for kind in COLLECTIVES:
             if self.count[kind]:
@@ -70,8 +74,8 @@ class StepCommunication:
         return float(self.collectives.bytes["all-reduce"] + self.collectives.bytes["reduce-scatter"])
 
 
-def step_communication(session: Any) -> StepCommunication:
-    """Compile `session`'s train step (a `lmadapt.session.Session`) for its mesh and count what it sends."""
+def step_communication(session: Session) -> StepCommunication:
+    """Compile `session`'s train step for its mesh and count what it sends."""
     with session.activate():
         compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
     full = shard = 0.0

@@ -5,7 +5,10 @@ weights convert both ways by renaming and reshaping alone.
 
     model = Transformer(cfg)
     params = model.init(rng, tokens)["params"]           # boxed: every leaf an nn.Partitioned with logical names
-    logits = model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+    logits = forward(params, model, batch)               # the full forward pass of a batch (lmadapt.data.batch)
+
+ModelConfig is frozen and hashable, so a Transformer built from one is too, and equal configs give equal modules:
+jitted functions take either as a static argument and share compiled code across calls.
 
 Every parameter and main activation carries logical axis names ("embed", "heads", "batch", ...); the mapping to
 mesh axes is data (`config.mesh.rules`), applied by `lmadapt.sharding`. Outside a mesh the names are no-ops.
@@ -19,7 +22,7 @@ Decoding uses the linen KV-cache idiom: `decode=True` with a "cache" collection 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from typing import Any
 
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lmadapt.config import ModelConfig
+from lmadapt.data.batch import Batch
 from lmadapt.families import family
 from lmadapt.layers import Projection, attention, normal_init
 from lmadapt.rope import apply_rope
@@ -280,23 +284,25 @@ class Transformer(nn.Module):
         return nn.with_logical_constraint(logits, LOGITS)
 
 
+def forward(params: Any, model: nn.Module, batch: Batch) -> jax.Array:
+    """Float32 logits [B, T, vocab] of a batch's `tokens` under its `positions` and `segment_ids` (packed rows).
+
+    The one full forward pass (no KV cache) that training, evaluation and the Fisher estimate share; decoding
+    goes through `apply(..., decode=True)` instead (lmadapt.generate). `params`: boxed or plain arrays.
+    """
+    return model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"])
+
+
+def per_layer(config: ModelConfig) -> ModelConfig:
+    """`config` in the per-layer params layout (layers_0, layers_1, ...; no scan): the one import, export and
+    evaluation use whatever layout a run trained in (`Lineage.load_params(scan_layers=False)` gives it)."""
+    return dataclasses.replace(config, scan_layers=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers on parameter trees
 # --------------------------------------------------------------------------------------------------
-
-
-class ConfigKey:
-    """ModelConfig is a mutable (so unhashable) dataclass tree, which jit cannot take as a static argument: key
-    the compiled function on its repr (every field, nested ones included) and keep a copy of the config."""
-
-    def __init__(self, config: ModelConfig):
-        self.config, self._repr = copy.deepcopy(config), repr(config)
-
-    def __hash__(self) -> int:
-        return hash(self._repr)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ConfigKey) and other._repr == self._repr
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:

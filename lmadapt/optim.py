@@ -8,9 +8,10 @@ and weight-decay mask.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,16 +22,15 @@ from lmadapt.config import GroupConfig, OptimizerConfig, ScheduleConfig
 
 DEFAULT_GROUP = "default"
 _LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
-# Named selectors: what a reader of the model would call these parts (paths as in lmadapt.model).
-_NAMED = {
+# Named selectors: what a reader of the model would call these parts (paths as in lmadapt.model). Continual
+# methods bring their own (LoRA: "lora", "base"), passed in as `selectors`.
+NAMED: Mapping[str, Callable[[str], bool]] = {
     "embeddings": lambda p: re.search(r"(^|/)(pos_)?embed/", p) is not None,
     "attention": lambda p: "/attn/" in p or p.startswith("attn/"),
     "mlp": lambda p: "/mlp/" in p or p.startswith("mlp/"),
     "norms": lambda p: re.search(r"(^|/)\w*norm/", p) is not None,
     "head": lambda p: re.search(r"(^|/)lm_head/", p) is not None,
     "biases": lambda p: p.endswith("/bias"),
-    "lora": lambda p: p.startswith("lora/"),
-    "base": lambda p: p.startswith("base/"),
 }
 
 
@@ -46,7 +46,7 @@ def param_paths(params: Any) -> Any:
         is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def _matches(selector: str, path: str, group: str) -> bool:
+def _matches(selector: str, path: str, group: str, named: Mapping[str, Callable[[str], bool]]) -> bool:
     for part in selector.split("+"):
         part = part.strip()
         if part.startswith("layers:"):
@@ -64,34 +64,91 @@ def _matches(selector: str, path: str, group: str) -> bool:
         elif part.startswith("re:"):
             if re.search(part[3:], path) is None:
                 return False
-        elif part in _NAMED:
-            if not _NAMED[part](path):
+        elif part in named:
+            if not named[part](path):
                 return False
         else:
-            raise GroupError(f"optimizer.groups {group!r}: unknown selector {part!r} (use {', '.join(_NAMED)}, "
+            raise GroupError(f"optimizer.groups {group!r}: unknown selector {part!r} (use {', '.join(named)}, "
                              f"layers:A-B or re:REGEX)")
     return True
 
 
-def group_labels(params: Any, groups: Sequence[GroupConfig], frozen_extra: Sequence[str] = ()) -> Any:
-    """The group name of every parameter: the first group with a matching selector, else "default".
-    Paths matching a named selector in `frozen_extra` (e.g. "base" under LoRA) go to a frozen group."""
+def _decays(group: GroupConfig | None, leaf: Any) -> bool:
+    """Weight decay on matrices only (norms, biases and other vectors are not decayed), unless the group says."""
+    if group is not None and group.weight_decay is not None:
+        return bool(group.weight_decay)
+    return getattr(leaf, "ndim", 0) >= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """Which optimizer group every parameter is in, computed once from the trainable params' shapes.
+
+    `labels` and `trainable` are trees of the params' structure (one group name / bool per leaf); `names` the
+    groups the optimizer has a transform for (none when it needs no groups); `table` one row per group (what
+    `--dry-run` prints and the version record keeps); `leaf_groups` (path, group) per leaf in tree order.
+    """
+
+    labels: Any
+    trainable: Any
+    names: tuple[str, ...]
+    table: tuple[dict[str, Any], ...]
+    leaf_groups: tuple[tuple[str, str], ...]
+
+    @property
+    def all_trainable(self) -> bool:
+        return all(jax.tree.leaves(self.trainable))
+
+
+def param_groups(params: Any, cfg: OptimizerConfig, frozen: Sequence[str] = (),
+                 selectors: Mapping[str, Callable[[str], bool]] | None = None) -> ParamGroups:
+    """The groups of `params` (boxed or plain shapes): each leaf goes to the first group with a matching
+    selector, else "default"; leaves matching a named selector in `frozen` (e.g. "base" under LoRA) go to the
+    frozen group "frozen_<selector>" first. `selectors`: named selectors beyond `NAMED`."""
+    named = {**NAMED, **(selectors or {})}
+    by_name = {g.name: g for g in cfg.groups}
+
     def label(path: str) -> str:
-        for sel in frozen_extra:
-            if _matches(sel, path, sel):
+        for sel in frozen:
+            if _matches(sel, path, sel, named):
                 return f"frozen_{sel}"
-        for g in groups:
-            if any(_matches(sel, path, g.name) for sel in g.select):
+        for g in cfg.groups:
+            if any(_matches(sel, path, g.name, named) for sel in g.select):
                 return g.name
         return DEFAULT_GROUP
 
-    return jax.tree.map(label, param_paths(params))
+    paths = param_paths(params)
+    labels = jax.tree.map(label, paths)
+    frozen_groups = {g.name for g in cfg.groups if g.frozen}
+    trainable = jax.tree.map(lambda lab: not (lab in frozen_groups or lab.startswith("frozen_")), labels)
+    names = (DEFAULT_GROUP, *by_name, *(f"frozen_{sel}" for sel in frozen)) if cfg.groups or frozen else ()
+    flat_labels = jax.tree.leaves(labels)
+    return ParamGroups(labels=labels, trainable=trainable, names=names,
+                       table=_table(_leaves(params), flat_labels, cfg),
+                       leaf_groups=tuple(zip(jax.tree.leaves(paths), flat_labels, strict=True)))
 
 
-def trainable_mask(labels: Any, groups: Sequence[GroupConfig]) -> Any:
-    """True where a parameter is trained (its group is not frozen)."""
-    frozen = {g.name for g in groups if g.frozen}
-    return jax.tree.map(lambda lab: not (lab in frozen or lab.startswith("frozen_")), labels)
+def _leaves(params: Any) -> list[Any]:
+    # The values of boxed leaves without nn.unbox, which would apply sharding constraints under a mesh.
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return [x.value if isinstance(x, nn.Partitioned) else x for x in leaves]
+
+
+def _table(leaves: list[Any], labels: list[str], cfg: OptimizerConfig) -> tuple[dict[str, Any], ...]:
+    """One row per group: parameter count, learning rate, weight decay, frozen (for `--dry-run`)."""
+    groups = {g.name: g for g in cfg.groups}
+    rows: dict[str, dict[str, Any]] = {}
+    for lab, p in zip(labels, leaves, strict=True):
+        g = groups.get(lab)
+        frozen = lab.startswith("frozen_") or bool(g and g.frozen)
+        row = rows.setdefault(lab, {"group": lab, "params": 0, "tensors": 0, "frozen": frozen,
+                                    "lr": 0.0 if frozen else cfg.lr * (g.lr_scale if g else 1.0),
+                                    "decayed": 0})
+        n = math.prod(p.shape)
+        row["params"] += n
+        row["tensors"] += 1
+        row["decayed"] += n if (_decays(g, p) and not frozen and cfg.weight_decay > 0) else 0
+    return tuple(sorted(rows.values(), key=lambda r: r["group"]))
 
 
 def make_schedule(cfg: ScheduleConfig, peak_lr: float, total_steps: int) -> optax.Schedule:
@@ -116,16 +173,16 @@ def make_schedule(cfg: ScheduleConfig, peak_lr: float, total_steps: int) -> opta
 
 def decay_mask(params: Any) -> Any:
     """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
-    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+    return jax.tree.map(lambda p: _decays(None, p), params)
 
 
-def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule, frozen_extra: Sequence[str] = ()
+def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule, groups: ParamGroups | None = None
                    ) -> optax.GradientTransformation:
-    """Global-norm clipping, then per-group AdamW (or nothing, for frozen groups).
+    """Global-norm clipping, then per-group AdamW (or nothing, for frozen groups), over `groups.labels`.
 
-    Labels are computed from the params tree it is given (boxed or plain), see `group_labels`.
+    Without groups (none configured, none frozen by a method) one AdamW for all parameters.
     """
-    groups = {g.name: g for g in cfg.groups}
+    by_name = {g.name: g for g in cfg.groups}
 
     def adamw(group: GroupConfig | None) -> optax.GradientTransformation:
         scale = group.lr_scale if group else 1.0
@@ -137,29 +194,14 @@ def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule, frozen_extra:
     parts = []
     if cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    if not cfg.groups and not frozen_extra:
+    if groups is None or not groups.names:
+        if cfg.groups:
+            raise ValueError("make_optimizer: optimizer.groups are configured; pass their ParamGroups")
         parts.append(adamw(None))
         return optax.chain(*parts)
-    names = [DEFAULT_GROUP, *groups, *(f"frozen_{sel}" for sel in frozen_extra)]
-    transforms = {n: optax.set_to_zero() if n.startswith("frozen_") or (n in groups and groups[n].frozen)
-                  else adamw(groups.get(n)) for n in names}
-    parts.append(optax.multi_transform(transforms, lambda p: group_labels(p, cfg.groups, frozen_extra)))
+    transforms = {n: optax.set_to_zero() if n.startswith("frozen_") or (n in by_name and by_name[n].frozen)
+                  else adamw(by_name.get(n)) for n in groups.names}
+    labels = groups.labels
+    # The labels were computed once; the callable only hands them over (boxed params share their structure).
+    parts.append(optax.multi_transform(transforms, lambda _: labels))
     return optax.chain(*parts)
-
-
-def group_table(params: Any, labels: Any, cfg: OptimizerConfig, peak_lr: float) -> list[dict[str, Any]]:
-    """One row per group: parameter count, learning rate, weight decay, frozen (for `--dry-run`)."""
-    groups = {g.name: g for g in cfg.groups}
-    rows: dict[str, dict[str, Any]] = {}
-    for lab, p in zip(jax.tree.leaves(labels), jax.tree.leaves(params), strict=True):
-        g = groups.get(lab)
-        frozen = lab.startswith("frozen_") or bool(g and g.frozen)
-        row = rows.setdefault(lab, {"group": lab, "params": 0, "tensors": 0, "frozen": frozen,
-                                    "lr": 0.0 if frozen else peak_lr * (g.lr_scale if g else 1.0),
-                                    "decayed": 0})
-        n = math.prod(p.shape)
-        row["params"] += n
-        row["tensors"] += 1
-        decays = (g.weight_decay if g and g.weight_decay is not None else getattr(p, "ndim", 0) >= 2)
-        row["decayed"] += n if (decays and not frozen and cfg.weight_decay > 0) else 0
-    return sorted(rows.values(), key=lambda r: r["group"])

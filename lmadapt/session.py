@@ -18,15 +18,16 @@ import numpy as np
 import optax
 
 from lmadapt import sharding
-from lmadapt.config import Config, ConfigError, ModelConfig
-from lmadapt.continual import strategy
+from lmadapt.config import Config, ConfigError
+from lmadapt.continual.strategy import SELECTORS, Strategy
+from lmadapt.continual.strategy import build as build_strategy
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.data.tokenizers import Tokenizer, TokenizerError, load_hf_directory_tokenizer
-from lmadapt.lineage.origin import resolve_origin
+from lmadapt.lineage.origin import Origin, resolve_origin
 from lmadapt.model import Transformer
-from lmadapt.optim import GroupError, group_labels, group_table, make_optimizer, make_schedule, param_paths
-from lmadapt.train_step import Objective, TrainState, eval_step, init_state, train_step
+from lmadapt.optim import GroupError, ParamGroups, make_optimizer, make_schedule, param_groups
+from lmadapt.train_step import Objective, TrainState, eval_step, init_state, start_state, train_step
 
 
 @dataclasses.dataclass
@@ -42,13 +43,13 @@ class Session:
     batch_sharding: jax.sharding.NamedSharding
     local_rows: slice
     init_fn: Callable[[jax.Array], TrainState]
-    init_from_fn: Callable[..., TrainState]  # (base params, ref, rng[, opt_state]): start from a version
+    init_from_fn: Callable[..., TrainState]  # (start params, ref, rng[, opt_state]): start from a version
     step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_fn: Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+    strategy: Strategy
     objective: Objective
-    groups: list[dict[str, Any]]  # the parameter-group table (what --dry-run prints)
+    groups: ParamGroups  # which optimizer group each parameter is in (its table is what --dry-run prints)
     tx: optax.GradientTransformation
-    leaf_groups: list[tuple[str, str]]  # (path, group) of every params leaf, in tree order
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -79,11 +80,13 @@ class Session:
 
 
 def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[str], None] | None = None,
-          tokenizer: Tokenizer | None = None, teacher_cfg: ModelConfig | None = None) -> Session:
+          tokenizer: Tokenizer | None = None, origin: Origin | None = None) -> Session:
     """Construct the session for `cfg` on `devices` (default: all global devices).
 
     Raises ConfigError for settings that only the devices can check (mesh and batch divisibility) and
-    for data problems. `tokenizer` (e.g. the one a run or model version carries) overrides cfg.tokenizer.
+    for data problems. `tokenizer` (e.g. the one a run or model version carries) overrides cfg.tokenizer;
+    `origin` is where the run starts (its parent's record and artifacts feed the continual strategy).
+    The session's `cfg` is `cfg` as the strategy prepared it (e.g. replay sources from the parent's record).
     """
     if devices is None:
         sharding.maybe_initialize_distributed(cfg.distributed)
@@ -98,13 +101,10 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
                           f"{micro} rows per microbatch, not divisible by the {shards} batch shards of mesh "
                           f"{dict(mesh.shape)}")
-
+    strategy = build_strategy(cfg, origin)
+    cfg = strategy.prepare(cfg)
     model = Transformer(cfg.model)
-    teacher = Transformer(teacher_cfg) if cfg.continual.distill.weight and teacher_cfg else None
-    if cfg.continual.distill.weight and teacher is None:
-        teacher = model  # LwF: the parent shares the architecture
     schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule, strategy.frozen_extra(cfg))
     try:
         data = build_pipeline(cfg.data, cfg.tokenizer, cfg.train.batch_size, cfg.train.seq_len, tokenizer=tokenizer,
                               log=log if jax.process_index() == 0 else None)
@@ -115,11 +115,8 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                           f"{data.vocab_size}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_as_tuples(rules)):
-        try:
-            boxed = strategy.abstract_state(cfg, model, tx, teacher)
-            objective = strategy.make_objective(cfg, boxed.params, teacher)
-        except GroupError as e:
-            raise ConfigError(str(e)) from None
+        boxed, groups, tx = _abstract_state(cfg, model, strategy, schedule)
+    objective = Objective.of(strategy, None if groups.all_trainable else groups.trainable)
     state_shardings = sharding.tree_shardings(boxed, mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(boxed), state_shardings)
@@ -128,32 +125,46 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
 
     init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len),
                       out_shardings=state_shardings)
-    init_from_fn = jax.jit(functools.partial(strategy.start_state, cfg=cfg, tx=tx), out_shardings=state_shardings)
+    init_from_fn = jax.jit(functools.partial(start_state, strategy=strategy, tx=tx), out_shardings=state_shardings)
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                         microbatches=cfg.train.microbatches, objective=objective),
                       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, objective=objective),
                       in_shardings=(state_shardings.params, batch_sh), out_shardings=replicated)
-    labels = group_labels(boxed.params, cfg.optimizer.groups, strategy.frozen_extra(cfg))
-    table = group_table(nn.unbox(boxed.params), labels, cfg.optimizer, cfg.optimizer.lr)
     return Session(cfg=cfg, mesh=mesh, model=model, data=data,
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
                    init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn,
-                   objective=objective, groups=table, tx=tx,
-                   leaf_groups=list(zip(jax.tree.leaves(param_paths(boxed.params)), jax.tree.leaves(labels),
-                                        strict=True)))
+                   strategy=strategy, objective=objective, groups=groups, tx=tx)
+
+
+def _abstract_state(cfg: Config, model: Transformer, strategy: Strategy, schedule: optax.Schedule
+                    ) -> tuple[TrainState, ParamGroups, optax.GradientTransformation]:
+    """The whole train state's shapes with logical names (boxed leaves), its param groups and the optimizer
+    over them: the model's params, the strategy's layout of them, then the optimizer state and the constants."""
+    rng = jax.random.PRNGKey(0)
+    base = jax.eval_shape(functools.partial(init_state, model=model, tx=optax.identity(), seq_len=8, boxed=True),
+                          rng)
+    params = strategy.param_shapes(base.params, rng)
+    try:
+        groups = param_groups(params, cfg.optimizer, strategy.frozen, SELECTORS)
+    except GroupError as e:
+        raise ConfigError(str(e)) from None
+    tx = make_optimizer(cfg.optimizer, schedule, groups)
+    state = base.replace(params=params, opt_state=jax.eval_shape(tx.init, params),
+                         ref=strategy.ref_shapes(base.params, rng))
+    return state, groups, tx
 
 
 def dry_run(cfg: Config) -> str:
     """The parameter-group table and the strategy of `cfg`, as text (builds everything, trains nothing)."""
     origin = resolve_origin(cfg, write=False)
-    session = build(origin.cfg, tokenizer=origin.tokenizer, teacher_cfg=origin.teacher_cfg)
-    desc = strategy.describe(origin.cfg, session.groups, origin.teacher_cfg)
+    session = build(origin.cfg, tokenizer=origin.tokenizer, origin=origin)
+    desc = session.strategy.describe(session.cfg, list(session.groups.table))
     lines = [f"start: {origin.description}; strategy: {desc['kind']}",
              f"{'group':<16} {'params':>12} {'lr':>10} {'decayed':>12}  frozen"]
-    for r in session.groups:
+    for r in session.groups.table:
         lines.append(f"{r['group']:<16} {r['params']:>12,} {r['lr']:>10.3g} {r['decayed']:>12,}  "
                      f"{'yes' if r['frozen'] else 'no'}")
     lines.append(f"trainable {desc['trainable_params']:,} of {desc['trainable_params'] + desc['frozen_params']:,} "

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lmadapt.continual import fisher, lora
-
-Batch = dict[str, jax.Array]  # tokens, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] float32
+from lmadapt.continual.method import Layout, Penalty, TokenTerm
+from lmadapt.continual.strategy import Strategy
+from lmadapt.data.batch import Batch
+from lmadapt.model import forward
 
 
 @struct.dataclass
@@ -25,35 +26,49 @@ class TrainState:
     """Everything that changes during training, as one pytree (checkpointed whole)."""
 
     step: jax.Array  # int32 scalar: number of updates applied so far
-    params: Any  # the model's params, or {"base": ..., "lora": ...} with LoRA adapters
+    params: Any  # the model's params, or a continual method's layout of them (LoRA: {"base", "lora"})
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
-    ref: Any = struct.field(default_factory=dict)  # constants of the strategy: anchor, fisher, teacher
+    ref: Any = struct.field(default_factory=dict)  # constants of the strategy: {method name: its Ref}
     skipped: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))  # non-finite steps so far
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """What the step minimises besides the data loss (static: changing it recompiles).
+    """What the step minimises (static: changing it recompiles). With the methods of lmadapt/continual/:
 
-    total = data_weight * CE + distill_weight * T^2 * KL(teacher_T || model_T)   (mean over real tokens)
-            + (l2sp / 2) ||theta - theta*||^2 + (ewc / 2) sum F (theta - theta*)^2
+    total = data_weight * CE                                     mean over the real (mask=1) tokens
+            + token terms:  distill  weight * T^2 * KL(teacher_T || model_T)           (same mean)
+            + penalties:    l2sp     (lambda / 2) ||theta - theta*||^2
+                            ewc      (lambda / 2) sum F (theta - theta*)^2             (once per step)
+
+    theta is the model's params: under a layout (LoRA) the adapters merged into the frozen base. Leaves where
+    `trainable` (bools shaped like the params: `ParamGroups.trainable`) is False get no gradient at all.
     """
 
     data_weight: float = 1.0
-    distill_weight: float = 0.0
-    temperature: float = 2.0
-    l2sp: float = 0.0
-    ewc: float = 0.0
-    lora_scale: float | None = None  # set: params are {"base", "lora"}, merged before the forward pass
-    trainable: tuple[bool, ...] | None = None  # per leaf of params (tree order); False: no gradient at all
-    teacher: nn.Module | None = None
+    token_terms: tuple[TokenTerm, ...] = ()
+    penalties: tuple[Penalty, ...] = ()
+    layout: Layout | None = None
+    trainable: Any = None  # None: every leaf trains
+
+    @classmethod
+    def of(cls, strategy: Strategy, trainable: Any = None) -> Objective:
+        """The objective of a strategy's methods; `trainable` None when every leaf trains."""
+        weight = 1.0
+        for t in strategy.token_terms:
+            weight *= t.data_weight
+        return cls(data_weight=weight, token_terms=strategy.token_terms, penalties=strategy.penalties,
+                   layout=strategy.layout, trainable=trainable)
 
     def effective_params(self, params: Any) -> Any:
-        """The model's params: LoRA adapters merged into the base when present."""
-        if self.lora_scale is None:
-            return params
-        return lora.merge(params["base"], params["lora"], self.lora_scale)
+        """The model's params: the layout's (LoRA adapters merged into the base) when there is one."""
+        return params if self.layout is None else self.layout.effective(params)
+
+    @property
+    def sums(self) -> tuple[str, ...]:
+        """The per-token sums a step accumulates: ce, tokens, then the token terms' (reported as means)."""
+        return ("ce", "tokens", *(k for t in self.token_terms for k in t.sums))
 
 
 def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
@@ -68,6 +83,16 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
+def start_state(params: Any, ref: Any, rng: jax.Array, *, strategy: Strategy, tx: optax.GradientTransformation,
+                opt_state: Any = None) -> TrainState:
+    """Step-0 state around a start version's params: the strategy's layout of them (LoRA adapters with B = 0,
+    so the function is unchanged), a fresh (or carried) optimizer state, and the strategy's constants."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = strategy.wrap(params, init_rng)
+    opt_state = tx.init(params) if opt_state is None else opt_state
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng, ref=ref)
+
+
 def token_loss_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropies and the number of counted tokens (both float32)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -75,52 +100,34 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def forward(params: Any, model: nn.Module, batch: Batch) -> jax.Array:
-    return model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"])
-
-
 def loss_sums(params: Any, model: nn.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Forward pass on one (micro)batch: (sum of token losses, token count)."""
     return token_loss_sums(forward(params, model, batch), batch["targets"], batch["loss_mask"])
 
 
-def kl_sums(teacher_logits: jax.Array, logits: jax.Array, temperature: float, loss_mask: jax.Array) -> jax.Array:
-    """Sum over real tokens of KL(softmax(teacher / T) || softmax(model / T))."""
-    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
-    s = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
-    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-    return jnp.sum(kl * loss_mask.astype(jnp.float32))
-
-
 def data_objective(params: Any, ref: Any, batch: Batch, model: nn.Module, obj: Objective
-                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """Per-token part of the objective on one (micro)batch, as a sum: (total, (ce_sum, kl_sum, tokens))."""
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token part of the objective on one (micro)batch, as a sum: (total, {ce, tokens, the terms' sums})."""
     if obj.trainable is not None:
         # Frozen leaves get no gradient, so XLA skips their weight-gradient matmuls altogether.
-        leaves, treedef = jax.tree.flatten(params)
-        params = treedef.unflatten([p if t else jax.lax.stop_gradient(p) for p, t in zip(leaves, obj.trainable,
-                                                                                           strict=True)])
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, obj.trainable)
     logits = forward(obj.effective_params(params), model, batch)
     ce_sum, n = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
-    total = obj.data_weight * ce_sum
-    kl_sum = jnp.zeros((), jnp.float32)
-    if obj.distill_weight:
-        teacher_logits = jax.lax.stop_gradient(forward(ref["teacher"], obj.teacher, batch))
-        kl_sum = kl_sums(teacher_logits, logits, obj.temperature, batch["loss_mask"])
-        total = total + obj.distill_weight * obj.temperature**2 * kl_sum
-    return total, (ce_sum, kl_sum, n)
+    total, sums = obj.data_weight * ce_sum, {"ce": ce_sum, "tokens": n}
+    for t in obj.token_terms:
+        added, term_sums = t.term(logits, batch, ref[t.name])
+        total = total + added
+        sums.update(term_sums)
+    return total, sums
 
 
 def penalty(params: Any, ref: Any, obj: Objective) -> jax.Array:
-    """Regularisers toward the parent version (anchor theta*): L2-SP and EWC."""
+    """The penalties on the model's params theta, each against its method's ref (e.g. the anchor theta*)."""
     out = jnp.zeros((), jnp.float32)
-    if obj.l2sp or obj.ewc:
+    if obj.penalties:
         theta = obj.effective_params(params)
-        if obj.l2sp:
-            out = out + fisher.l2sp_penalty(theta, ref["anchor"], obj.l2sp)
-        if obj.ewc:
-            out = out + fisher.ewc_penalty(theta, ref["anchor"], ref["fisher"], obj.ewc)
+        for p in obj.penalties:
+            out = out + p.penalty(theta, ref[p.name])
     return out
 
 
@@ -145,24 +152,24 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     grad_fn = jax.value_and_grad(data_objective, has_aux=True)
 
     if microbatches == 1:
-        (total, (ce_sum, kl_sum, n_tokens)), grads = grad_fn(state.params, state.ref, batch, model, objective)
+        (total, sums), grads = grad_fn(state.params, state.ref, batch, model, objective)
     else:
         def accumulate(carry, micro):
-            g_acc, sums = carry
-            (t, (ce, kl, n)), g = grad_fn(state.params, state.ref, micro, model, objective)
+            g_acc, t_acc, s_acc = carry
+            (t, s), g = grad_fn(state.params, state.ref, micro, model, objective)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, tuple(a + b for a, b in zip(sums, (t, ce, kl, n), strict=True))), None
+            return (g_acc, t_acc + t, {k: s_acc[k] + s[k] for k in s_acc}), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, tuple(jnp.zeros((), jnp.float32) for _ in range(4)))
-        (grads, (total, ce_sum, kl_sum, n_tokens)), _ = jax.lax.scan(
-            accumulate, init, _split_microbatches(batch, microbatches))
+        init = (zeros, jnp.zeros((), jnp.float32), {k: jnp.zeros((), jnp.float32) for k in objective.sums})
+        (grads, total, sums), _ = jax.lax.scan(accumulate, init, _split_microbatches(batch, microbatches))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
+    n_tokens = sums["tokens"]
     denom = jnp.maximum(n_tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     reg = jnp.zeros((), jnp.float32)
-    if objective.l2sp or objective.ewc:
+    if objective.penalties:
         reg, reg_grads = jax.value_and_grad(penalty)(state.params, state.ref, objective)
         grads = jax.tree.map(jnp.add, grads, reg_grads)
     # A non-finite loss or gradient must not reach the params or the Adam moments (one NaN there is
@@ -179,7 +186,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     rng, _ = jax.random.split(state.rng)
 
     metrics = {
-        "loss": ce_sum / denom,
+        "loss": sums["ce"] / denom,
         "objective": total / denom + reg,
         "tokens": n_tokens,
         "grad_norm": optax.tree.norm(grads),
@@ -187,9 +194,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         "skipped": state.skipped + (~finite).astype(jnp.int32),
         "nonfinite_leaves": ~leaf_finite,  # per leaf of params (tree order); not logged, read by the trainer
     }
-    if objective.distill_weight:
-        metrics["kl"] = kl_sum / denom
-    if objective.l2sp or objective.ewc:
+    for k in objective.sums[2:]:  # the token terms' own sums (distill: kl), as means
+        metrics[k] = sums[k] / denom
+    if objective.penalties:
         metrics["penalty"] = reg
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                               skipped=metrics["skipped"])

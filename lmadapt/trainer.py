@@ -20,9 +20,8 @@ from tqdm import tqdm
 from lmadapt import sharding
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, config_to_dict
-from lmadapt.continual import fisher, strategy
 from lmadapt.files import locks
-from lmadapt.lineage.origin import publish_run, resolve_origin
+from lmadapt.lineage.origin import Origin, publish_run, resolve_origin
 from lmadapt.model import count_params
 from lmadapt.run import guards, resume
 from lmadapt.run.logs import MetricsLogger
@@ -31,35 +30,21 @@ from lmadapt.session import Session, build, run_tokenizer
 from lmadapt.train_step import TrainState
 
 
-def _publish(cfg: Config, session: Session, origin: Any, state: TrainState, evals: dict[str, float],
+def _publish(session: Session, origin: Origin, state: TrainState, evals: dict[str, float],
              log: Callable[[str], None], config_changes: list[dict[str, Any]]) -> str | None:
-    """Publish the finished run: merged params, artifacts (LoRA adapters, Fisher, optimizer state), record."""
+    """Publish the finished run: its params and the strategy's artifacts (LoRA adapters, a Fisher), the
+    optimizer state when asked, and the record."""
+    cfg = session.cfg
     if not cfg.lineage.dir:
         return None
-    params, artifacts = strategy.publishable(state, session.objective)
-    if cfg.continual.fisher.compute:
-        artifacts["fisher"] = _estimate_fisher(cfg, session, origin, params)
+    params, artifacts = session.strategy.publishable(state.params, session, origin)
     if cfg.lineage.save_opt_state:
         artifacts["opt_state"] = state.opt_state
     return publish_run(cfg, origin, params, int(state.step), session.data.tokenizer, data=session.data.describe(),
                        tokens_seen=session.data.tokens_seen(int(state.step)),
                        metrics={f"eval/{k}": v for k, v in evals.items()},
-                       strategy=strategy.describe(cfg, session.groups, origin.teacher_cfg), artifacts=artifacts,
+                       strategy=session.strategy.describe(cfg, list(session.groups.table)), artifacts=artifacts,
                        config_changes=config_changes, log=log)
-
-
-def _estimate_fisher(cfg: Config, session: Session, origin: Any, params: Any) -> Any:
-    """Diagonal Fisher of the new params on this run's training data; online EWC adds gamma x the parent's."""
-    f = cfg.continual.fisher
-    batches = (session.batch(cfg.train.steps + i) for i in range(f.batches))  # fresh draws of the same mixture
-    estimate = fisher.fisher_diagonal(params, session.model, batches, kind=f.kind,
-                                      rng=jax.random.PRNGKey(cfg.run.seed + 1))
-    parent_has = origin.lineage is not None and origin.parents and "fisher" in origin.lineage.record(
-        origin.parents[0]).get("artifacts", [])
-    if parent_has and f.gamma > 0:
-        previous = origin.lineage.load_artifact(origin.parents[0], "fisher")
-        estimate = fisher.accumulate_online(previous, estimate, f.gamma)
-    return estimate
 
 
 RUN_LOCK = "train.lock"  # in run.dir: held (flock) by the one job writing it
@@ -112,7 +97,7 @@ class _Started:
     """A run ready for its first step: built, its resume point chosen and checked, its state in memory."""
 
     cfg: Config
-    origin: Any
+    origin: Origin
     session: Session
     ckpt: Checkpointer
     state: TrainState
@@ -126,9 +111,8 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     if stop.signal:
         return None
     origin = resolve_origin(cfg)
-    cfg = origin.cfg
-    session = build(cfg, devices, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer,
-                    teacher_cfg=origin.teacher_cfg)
+    session = build(origin.cfg, devices, log=log, tokenizer=run_tokenizer(run_dir) or origin.tokenizer, origin=origin)
+    cfg = session.cfg
     guards.check_room(run_dir, session.abstract_state, "run.dir", "one checkpoint of this state")
     if cfg.lineage.dir:
         guards.check_room(os.path.abspath(os.path.expanduser(cfg.lineage.dir)), session.abstract_state.params,
@@ -157,22 +141,22 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
                                                         "data": resume.data_fingerprints(session.data.describe())})
 
 
-def _first_state(cfg: Config, session: Session, origin: Any, ckpt: Checkpointer, latest: int | None,
+def _first_state(cfg: Config, session: Session, origin: Origin, ckpt: Checkpointer, latest: int | None,
                  log: Callable[[str], None]) -> TrainState:
     """The checkpoint's state (checked finite), else the origin version's params, else a fresh init."""
     if latest is not None:
         state = resume.restore(ckpt, latest, session.abstract_state)
         log(f"resumed from {ckpt.directory / str(latest)}")
     elif origin.load_params is not None:
-        target = session.abstract_state.params
-        params = origin.load_params(target["base"] if cfg.continual.lora.rank else target)
+        strategy = session.strategy
+        params = origin.load_params(strategy.model_params(session.abstract_state.params))
         bad = resume.first_nonfinite(params)
         if bad is not None:  # training on would only spread them: refuse before the first step
             raise ConfigError(f"{origin.description} has non-finite values in params/{bad}; not training from it")
-        ref = origin.load_ref(params, session.abstract_state.ref)
+        ref = strategy.load_ref(origin, params, session.abstract_state.ref)
         opt_state = origin.load_opt_state(session.abstract_state.opt_state) if cfg.optimizer.carry_state else None
         state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)
-        kind = strategy.describe(cfg, session.groups, None)["kind"]
+        kind = strategy.describe(cfg, list(session.groups.table))["kind"]
         log(f"starting from {origin.description} (strategy: {kind})")
     else:
         state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
@@ -197,7 +181,7 @@ def _run(started: _Started, on_step: Callable[[int], None] | None, log: Callable
         version = None
         if step == cfg.train.steps and stop.signal is None:
             evals = evals if evals is not None else session.evaluate(state.params)
-            version = _publish(cfg, session, started.origin, state, evals, log, started.meta["config_changes"])
+            version = _publish(session, started.origin, state, evals, log, started.meta["config_changes"])
     if logger:
         logger.close()
     return {"step": step, "eval_loss": evals["loss"] if evals else None, "state": state,
@@ -215,7 +199,7 @@ def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (lead and cfg.logging.progress),
                dynamic_ncols=True, unit="step")
     pending: list[tuple[int, dict]] = []
-    watch = guards.NonFiniteWatch(cfg.train, session.leaf_groups, int(state.skipped))
+    watch = guards.NonFiniteWatch(cfg.train, list(session.groups.leaf_groups), int(state.skipped))
     evals = None
     t_last = time.perf_counter()
     next_batch = prefetch.submit(session.batch, step)

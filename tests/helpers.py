@@ -1,4 +1,5 @@
-"""Helpers shared by tests that run the entry points as a user would."""
+"""Helpers shared by tests: running the entry points as a user would, a tiny model, injected numerical faults,
+and texts that trip tokenizers. Tests import what they share from here, never from each other."""
 
 import contextlib
 import hashlib
@@ -8,9 +9,32 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
 
+from lmadapt.config import ModelConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny model of the lineage and fault tests: a few thousand params, quick to save, load and step.
+TINY_MODEL = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+
+ISSUE_EXAMPLE = "def f(x):\n    return x  +  1\n\nprint(f(2))"
+# Pieces that trip normalising tokenizers: code, whitespace runs, tabs, CRLF, emoji (with ZWJ), CJK,
+# combining marks, odd spaces, compatibility characters, and strings that look like tokens.
+PIECES = ["def ", "f(x):", "\n", "\n\n", "    ", "\t", "\t\t", "\r\n", "\r", "  ", " ", "return", " x", "  +  ", "1",
+          "\U0001F600", "\U0001F469\u200d\U0001F467", "\u6f22\u5b57", "\u304b\u306a", "e\u0301", "n\u0303\u0323",
+          "\u00a0", "\u3000", "\ufb01", "\uff21", "\u2126", "<s>", "</s>", "<pad>", "<unk>", "<0x0A>", "\u0120",
+          "\u010a", "\u2581", "\x00", "\x7f", "\ufeff", "'s", "1234567"]
+
+
+def tiny_params(seed: int):
+    """Freshly initialised params of `TINY_MODEL` (unboxed), the same for the same seed."""
+    from lmadapt.model import init_params
+
+    return nn.unbox(init_params(TINY_MODEL, jax.random.PRNGKey(seed)))
 
 
 def run_cmd(args: list[str], env: dict | None = None, timeout: float = 300):
@@ -91,3 +115,44 @@ def write_raw_safetensors(path: str, tensors: dict[str, tuple[str, tuple[int, ..
     head += b" " * (-len(head) % 8)
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head + b"".join(blob for _, _, blob in tensors.values()))
+
+
+def poisoned(params, leaf_path, bad, value=False):
+    """`params` with the gradient (or, with `value`, the value) of one leaf made NaN when `bad` is true;
+    must be applied inside the differentiated function."""
+
+    @jax.custom_vjp
+    def nan_grad(x, flag):
+        return x
+
+    nan_grad.defvjp(lambda x, flag: (x, flag), lambda flag, g: (jnp.where(flag, jnp.nan, g), None))
+
+    def poison(path, x):
+        if jax.tree_util.keystr(path) != leaf_path:
+            return x
+        return jnp.where(bad, jnp.nan, x) if value else nan_grad(x, bad)
+
+    return jax.tree_util.tree_map_with_path(poison, params)
+
+
+def inject_fault(leaf_path, at_step, value=False):
+    """Patch the model's forward pass (inside the gradient) so that the step taken at state.step ==
+    `at_step` gets a NaN in one leaf's gradient (or value); returns the train_step to jit instead."""
+    import lmadapt.train_step as ts
+
+    flag, real_forward, real_step = {}, ts.forward, ts.train_step
+
+    def forward(params, model, batch):
+        if "bad" in flag:
+            params = poisoned(params, leaf_path, flag["bad"], value)
+        return real_forward(params, model, batch)
+
+    def train_step_with_fault(state, batch, **kw):
+        flag["bad"] = state.step == at_step  # a tracer, read by forward while this step is traced
+        try:
+            return real_step(state, batch, **kw)
+        finally:
+            flag.clear()
+
+    ts.forward = forward
+    return train_step_with_fault

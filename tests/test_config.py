@@ -28,7 +28,7 @@ def test_base_include_and_overrides(tmp_path):
     cfg = load_config(path, ["train.steps=9", "optimizer.lr=1e-3", "model.n_kv_heads=2", "mesh.rules=[[batch, data]]"])
     assert cfg.model.d_model == 96 and cfg.train.batch_size == 4 and cfg.train.steps == 9
     assert cfg.optimizer.lr == pytest.approx(1e-3) and isinstance(cfg.optimizer.lr, float)
-    assert cfg.model.n_kv_heads == 2 and cfg.mesh.rules == [["batch", "data"]]
+    assert cfg.model.n_kv_heads == 2 and cfg.mesh.rules == (("batch", "data"),)
 
 
 def test_source_list_and_indexed_overrides(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import ROOT, run_cmd, tmpfs
+from helpers import ROOT, TINY_MODEL, inject_fault, run_cmd, tiny_params, tmpfs
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import CheckpointConfig, load_config
 from lmadapt.data.tokenizers import ByteTokenizer
@@ -24,7 +24,6 @@ from lmadapt.lineage.store import Lineage, LineageError
 from lmadapt.model import Transformer
 from lmadapt.run.logs import read_metrics
 from lmadapt.train_step import init_state
-from test_lineage import CFG, params  # the same tiny model config and its params
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
@@ -217,7 +216,7 @@ def test_kill_inside_a_publish_leaves_the_lineage_readable(tmp_path, fraction):
     script = KILLER + textwrap.dedent(f"""
         import flax.linen as nn
         from lmadapt.model import init_params
-        cfg = ModelConfig(**{CFG.__dict__!r})
+        cfg = ModelConfig(**{TINY_MODEL.__dict__!r})
         p = lambda seed: nn.unbox(init_params(cfg, jax.random.PRNGKey(seed)))
         lineage, other = Lineage({str(lin)!r}), Lineage({str(scratch)!r})
         lineage.publish("v0", p(0), cfg, ByteTokenizer(), parents=[])
@@ -232,7 +231,7 @@ def test_kill_inside_a_publish_leaves_the_lineage_readable(tmp_path, fraction):
     assert lineage.ids() in (["v0"], ["v0", "v1"])  # never a half version
     assert all(lineage.verify(v) == [] for v in lineage.ids())
     if lineage.ids() == ["v0"]:
-        lineage.publish("v1", params(1), CFG, ByteTokenizer(), parents=["v0"])  # the crashed id is free
+        lineage.publish("v1", tiny_params(1), TINY_MODEL, ByteTokenizer(), parents=["v0"])  # the crashed id is free
         assert lineage.verify("v1") == []
     assert os.listdir(lin / ".staging") == []  # the dead publisher's staging copy was removed
 
@@ -255,7 +254,7 @@ def test_two_processes_publishing_at_once(tmp_path):
         except LineageError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    """).replace("CFG", repr(CFG.__dict__))
+    """).replace("CFG", repr(TINY_MODEL.__dict__))
     go = tmp_path / "go"
     jobs = [("a", 1), ("b", 2), ("same", 3), ("same", 4)]
     procs = [subprocess.Popen([sys.executable, "-c", script, vid, str(seed), str(go), str(lin)], cwd=ROOT,
@@ -311,7 +310,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file_and_an_intact_one(tmp_pat
 def test_damaged_or_untrusted_version_is_refused(tmp_path):
     lin = tmp_path / "lin"
     lineage = Lineage(str(lin))
-    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    lineage.publish("v0", tiny_params(0), TINY_MODEL, ByteTokenizer(), parents=[])
     path = lineage.path("v0")
     victim = biggest_file(path)
     rel = os.path.relpath(victim, path)
@@ -360,53 +359,12 @@ def test_no_code_path_loads_pickle_or_evaluates_text():
 
 # ---- 4. Numerical faults ------------------------------------------------------------------------------------------
 
-def poisoned(params, leaf_path, bad, value=False):
-    """`params` with the gradient (or, with `value`, the value) of one leaf made NaN when `bad` is true;
-    must be applied inside the differentiated function."""
-
-    @jax.custom_vjp
-    def nan_grad(x, flag):
-        return x
-
-    nan_grad.defvjp(lambda x, flag: (x, flag), lambda flag, g: (jnp.where(flag, jnp.nan, g), None))
-
-    def poison(path, x):
-        if jax.tree_util.keystr(path) != leaf_path:
-            return x
-        return jnp.where(bad, jnp.nan, x) if value else nan_grad(x, bad)
-
-    return jax.tree_util.tree_map_with_path(poison, params)
-
-
-def inject_fault(leaf_path, at_step, value=False):
-    """Patch the model's forward pass (inside the gradient) so that the step taken at state.step ==
-    `at_step` gets a NaN in one leaf's gradient (or value); returns the train_step to jit instead."""
-    import lmadapt.train_step as ts
-
-    flag, real_forward, real_step = {}, ts.forward, ts.train_step
-
-    def forward(params, model, batch):
-        if "bad" in flag:
-            params = poisoned(params, leaf_path, flag["bad"], value)
-        return real_forward(params, model, batch)
-
-    def train_step_with_fault(state, batch, **kw):
-        flag["bad"] = state.step == at_step  # a tracer, read by forward while this step is traced
-        try:
-            return real_step(state, batch, **kw)
-        finally:
-            flag.clear()
-
-    ts.forward = forward
-    return train_step_with_fault
-
-
 @pytest.mark.parametrize("value", [False, True], ids=["nan-gradient", "nan-loss"])
 def test_a_non_finite_step_changes_nothing_and_is_counted(value, monkeypatch):
     import lmadapt.train_step as ts
 
     monkeypatch.setattr(ts, "forward", ts.forward)  # restored after the test
-    model, tx = Transformer(CFG), optax.adam(1e-3)
+    model, tx = Transformer(TINY_MODEL), optax.adam(1e-3)
     state = init_state(jax.random.PRNGKey(0), model, tx, seq_len=16)
     tokens = jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1))
     batch = {"tokens": tokens, "targets": tokens, "positions": tokens, "segment_ids": jnp.ones_like(tokens),
@@ -435,7 +393,7 @@ NAN_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")
     import lmadapt.session, train
-    from test_faults import inject_fault
+    from helpers import inject_fault
     # Step 5 (taken from state.step 4) gets a NaN gradient in one MLP kernel.
     lmadapt.session.train_step = inject_fault("['layers_0']['mlp']['up']['kernel']", 4)
     sys.exit(train.main(sys.argv[1:]))

@@ -255,6 +255,8 @@ def test_update_of_a_bfloat16_import_trains_in_the_runs_param_dtype(tmp_path):
     version with float32 master weights (the default model.param_dtype) loads it cast, on its shardings and in
     either layout, instead of refusing the dtype; a distillation teacher stored in bf16 likewise."""
     from lmadapt.config import load_config
+    from lmadapt.continual import strategy
+    from lmadapt.continual.distill import Ref
     from lmadapt.data.tokenizers import ByteTokenizer
     from lmadapt.lineage.origin import import_root, resolve_origin
     from lmadapt.lineage.store import Lineage
@@ -274,7 +276,8 @@ def test_update_of_a_bfloat16_import_trains_in_the_runs_param_dtype(tmp_path):
         assert origin.cfg.model.param_dtype == "float32"
         target = _target(origin.cfg.model, mesh, rules)
         placed = origin.load_params(target)
-        teacher = origin.load_ref(placed, {"teacher": target})["teacher"]
+        distill = strategy.build(origin.cfg, origin).token_terms[0]
+        teacher = distill.load_ref(origin, placed, Ref(teacher=target)).teacher
         expected = stack_layers(host) if scan else host
         for got in (placed, teacher):
             for leaf, want, t in zip(jax.tree.leaves(got), jax.tree.leaves(expected), jax.tree.leaves(target),

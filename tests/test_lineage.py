@@ -7,16 +7,13 @@ import signal
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, call, call_out, run_cmd
-from lmadapt.config import ModelConfig
+from helpers import ROOT, TINY_MODEL, call, call_out, run_cmd, tiny_params
 from lmadapt.data.tokenizers import ByteTokenizer
 from lmadapt.lineage.store import Lineage, LineageError, check_version_id
-from lmadapt.model import init_params
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (the repository root's train.py)
@@ -24,13 +21,6 @@ import train  # noqa: E402  (the repository root's train.py)
 _spec = importlib.util.spec_from_file_location("lineage_tool", os.path.join(ROOT, "tools", "lineage.py"))
 lineage_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lineage_tool)
-
-CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-
-
-def params(seed):
-    return nn.unbox(init_params(CFG, jax.random.PRNGKey(seed)))
-
 
 def snapshot(directory):
     """Every file under a directory with its bytes (to prove an operation changed nothing)."""
@@ -44,11 +34,11 @@ def snapshot(directory):
 
 def test_publish_load_and_parent_chain(tmp_path):
     lineage = Lineage(str(tmp_path / "lin"))
-    p0, p1 = params(0), params(1)
-    lineage.publish("v0", p0, CFG, ByteTokenizer(), parents=[], steps=5, tokens=100, note="base")
-    lineage.publish("v1", p1, CFG, ByteTokenizer(), parents=["v0"], steps=7, tokens=50,
+    p0, p1 = tiny_params(0), tiny_params(1)
+    lineage.publish("v0", p0, TINY_MODEL, ByteTokenizer(), parents=[], steps=5, tokens=100, note="base")
+    lineage.publish("v1", p1, TINY_MODEL, ByteTokenizer(), parents=["v0"], steps=7, tokens=50,
                     artifacts={"fisher": jax.tree.map(np.abs, p1)})
-    lineage.publish("v2", p0, CFG, ByteTokenizer(), parents=["v1"])
+    lineage.publish("v2", p0, TINY_MODEL, ByteTokenizer(), parents=["v1"])
     assert lineage.ids() == ["v0", "v1", "v2"]
     assert lineage.ancestry("v2") == ["v2", "v1", "v0"]
     assert lineage.record("v1")["parents"] == ["v0"] and lineage.record("v0")["note"] == "base"
@@ -56,21 +46,21 @@ def test_publish_load_and_parent_chain(tmp_path):
         np.testing.assert_array_equal(x, y)
     fisher = lineage.load_artifact("v1", "fisher")
     np.testing.assert_array_equal(fisher["embed"]["embedding"], np.abs(p1["embed"]["embedding"]))
-    assert lineage.model_config("v1") == CFG
+    assert lineage.model_config("v1") == TINY_MODEL
     stacked = lineage.load_params("v1", scan_layers=True)
     np.testing.assert_array_equal(stacked["layers"]["attn"]["q"]["kernel"][1], p1["layers_1"]["attn"]["q"]["kernel"])
     with pytest.raises(LineageError, match="parent version 'nope' of 'v3' is not in lineage"):
-        lineage.publish("v3", p0, CFG, ByteTokenizer(), parents=["nope"])
+        lineage.publish("v3", p0, TINY_MODEL, ByteTokenizer(), parents=["nope"])
     with pytest.raises(LineageError, match="no version 'v9'"):
         lineage.record("v9")
 
 
 def test_second_publish_of_an_id_fails_and_changes_nothing(tmp_path):
     lineage = Lineage(str(tmp_path / "lin"))
-    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    lineage.publish("v0", tiny_params(0), TINY_MODEL, ByteTokenizer(), parents=[])
     before = snapshot(tmp_path / "lin")
     with pytest.raises(LineageError, match="version 'v0' already exists"):
-        lineage.publish("v0", params(1), CFG, ByteTokenizer(), parents=[])
+        lineage.publish("v0", tiny_params(1), TINY_MODEL, ByteTokenizer(), parents=[])
     assert snapshot(tmp_path / "lin") == before
 
 
@@ -82,7 +72,7 @@ def test_version_ids_are_validated(bad):
 
 def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
     lin = tmp_path / "lin"
-    Lineage(str(lin)).publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    Lineage(str(lin)).publish("v0", tiny_params(0), TINY_MODEL, ByteTokenizer(), parents=[])
     # The child process dies at the commit rename, after its params are fully written.
     script = textwrap.dedent(f"""
         import os, signal
@@ -91,7 +81,7 @@ def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
         from lmadapt.lineage.store import Lineage
         from lmadapt.model import init_params
         from lmadapt.data.tokenizers import ByteTokenizer
-        cfg = ModelConfig(**{CFG.__dict__!r})
+        cfg = ModelConfig(**{TINY_MODEL.__dict__!r})
         real_rename = os.rename
         os.rename = lambda a, b: os.kill(os.getpid(), signal.SIGKILL) if "/versions/" in str(b) else real_rename(a, b)
         Lineage({str(lin)!r}).publish("v1", nn.unbox(init_params(cfg, jax.random.PRNGKey(1))), cfg, ByteTokenizer(),
@@ -103,13 +93,13 @@ def test_process_killed_mid_publish_leaves_a_valid_lineage(tmp_path):
     assert lineage.ids() == ["v0"] and lineage.verify("v0") == []
     assert not lineage.exists("v1")
     # The half-written staging copy does not block a later publish of the same id.
-    lineage.publish("v1", params(1), CFG, ByteTokenizer(), parents=["v0"])
+    lineage.publish("v1", tiny_params(1), TINY_MODEL, ByteTokenizer(), parents=["v0"])
     assert lineage.ids() == ["v0", "v1"] and lineage.verify("v1") == []
 
 
 def test_verify_catches_a_flipped_byte(tmp_path):
     lineage = Lineage(str(tmp_path / "lin"))
-    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[])
+    lineage.publish("v0", tiny_params(0), TINY_MODEL, ByteTokenizer(), parents=[])
     assert lineage.verify("v0") == []
     data_files = [os.path.join(r, f) for r, _, fs in os.walk(lineage.path("v0") + "/params") for f in fs
                   if "/d/" in os.path.join(r, f)]
@@ -127,7 +117,7 @@ def test_verify_catches_a_flipped_byte(tmp_path):
 
 def test_metrics_added_later_do_not_touch_the_version(tmp_path):
     lineage = Lineage(str(tmp_path / "lin"))
-    lineage.publish("v0", params(0), CFG, ByteTokenizer(), parents=[], metrics={"eval/loss": 2.5})
+    lineage.publish("v0", tiny_params(0), TINY_MODEL, ByteTokenizer(), parents=[], metrics={"eval/loss": 2.5})
     before = snapshot(lineage.path("v0"))
     lineage.add_metrics("v0", "books:abc123", {"loss": 2.0})
     assert lineage.metrics("v0") == {"eval/loss": 2.5, "books:abc123": {"loss": 2.0}}
@@ -200,10 +190,43 @@ def test_a_version_saved_on_8_devices_reads_and_exports_on_1(tmp_path):
 
     mesh = jax.make_mesh((8,), ("fsdp",))
     sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(
-        "fsdp" if x.ndim and x.shape[0] % 8 == 0 else None))), params(0))
-    Lineage(str(tmp_path / "lin")).publish("v0", sharded, CFG, ByteTokenizer(), parents=[])
+        "fsdp" if x.ndim and x.shape[0] % 8 == 0 else None))), tiny_params(0))
+    Lineage(str(tmp_path / "lin")).publish("v0", sharded, TINY_MODEL, ByteTokenizer(), parents=[])
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     out = run_cmd(["tools/lineage.py", "--dir", str(tmp_path / "lin"), "export", "v0", "--out", str(tmp_path / "hf")],
                   env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert run_cmd(["tools/lineage.py", "--dir", str(tmp_path / "lin"), "verify"], env=env).returncode == 0
+
+
+def test_merge_and_interpolate_publish_versions_with_their_sources_as_parents(tmp_path):
+    from lmadapt.continual.merge import average, publish_interpolation, publish_merge
+
+    lineage = Lineage(str(tmp_path / "lin"))
+    p0, p1 = tiny_params(0), tiny_params(1)
+    lineage.publish("v0", p0, TINY_MODEL, ByteTokenizer(), parents=[])
+    lineage.publish("v1", p1, TINY_MODEL, ByteTokenizer(), parents=["v0"])
+    assert publish_merge(lineage, ["v0", "v1"], "soup", [3, 1]) == "merge of v0, v1 with weights [3, 1]"
+    # alpha weighs the version; the other defaults to its first parent.
+    assert publish_interpolation(lineage, "v1", None, 0.25, "wise", note="n") == "n"
+    for vid, sources, weights in (("soup", ["v0", "v1"], [3, 1]), ("wise", ["v1", "v0"], [0.25, 0.75])):
+        record = lineage.record(vid)
+        assert record["parents"] == sources and record["strategy"]["sources"] == sources
+        assert record["strategy"]["kind"] == "merge" and record["strategy"]["weights"] == weights
+        want = average([{"v0": p0, "v1": p1}[v] for v in sources], weights)
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(lineage.load_params(vid)), strict=True):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(LineageError, match="'v0' has no parent to interpolate with"):
+        publish_interpolation(lineage, "v0", None, 0.5, "x")
+    with pytest.raises(LineageError, match="weights must be finite, non-negative"):
+        publish_interpolation(lineage, "v1", "v0", 1.5, "x")
+    assert not lineage.exists("x")
+
+    # The CLI: the same, with one line for what it published or why it refused.
+    rc, out, _ = call_out(lineage_tool.main, ["--dir", lineage.directory, "merge", "v0", "v1", "--id", "m"])
+    assert rc == 0 and out == "published m: merge of v0, v1 with weights equal\n"
+    rc, out, _ = call_out(lineage_tool.main, ["--dir", lineage.directory, "interpolate", "v1", "--alpha", "0.5",
+                                              "--id", "i"])
+    assert rc == 0 and out == "published i: interpolate of v1, v0 with weights [0.5, 0.5]\n"
+    rc, _, err = call_out(lineage_tool.main, ["--dir", lineage.directory, "merge", "v0", "v1", "--id", "m"])
+    assert rc == 2 and err.startswith("error: version 'm' already exists")

@@ -1,4 +1,5 @@
-"""lmadapt.eval.metrics against hand-computed values (continual-learning and classification metrics, tables)."""
+"""lmadapt.eval.metrics (continual-learning metrics) and lmadapt.eval.classification (classification metrics,
+tables) against hand-computed values."""
 
 import csv
 import io
@@ -7,17 +8,15 @@ import json
 import numpy as np
 import pytest
 
+from lmadapt.eval.classification import classification_report, csv_text, markdown_table
 from lmadapt.eval.metrics import (
     ContinualReport,
     average_score,
     backward_transfer,
-    classification_report,
     continual_report,
-    csv_text,
     forgetting,
     forward_transfer,
     gap_to_reference,
-    markdown_table,
 )
 
 # One scenario, three tasks learned in order, version i trained on task i, no base model. The model learns each

@@ -1,15 +1,19 @@
 """Continual-update strategies inside the sharded train step: freezing, per-group rates, regularisers,
 distillation, LoRA; each gives the same losses on 8 devices as on one."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
-from lmadapt.continual import lora
+from lmadapt.continual import lora, strategy
+from lmadapt.continual.distill import kl_sums
+from lmadapt.continual.method import Penalty
 from lmadapt.session import build
-from lmadapt.train_step import kl_sums
 
 STARTED = ["init.from_version=parent", "lineage.dir=/nonexistent"]  # what regularisers require to validate
 
@@ -38,9 +42,10 @@ def start(session, parent, seed=0):
     target = target.get("base", target)
     params = jax.device_put(parent, jax.tree.map(lambda t: t.sharding, target))
     ref = {}
-    for key, t in session.abstract_state.ref.items():
-        value = parent if key != "fisher" else jax.tree.map(lambda p: np.abs(p) * 10 + 0.1, parent)
-        ref[key] = jax.device_put(value, jax.tree.map(lambda x: x.sharding, t))
+    for name, shapes in session.abstract_state.ref.items():  # every field is params-shaped: anchor, fisher, teacher
+        fields = {f: parent if f != "fisher" else jax.tree.map(lambda p: np.abs(p) * 10 + 0.1, parent)
+                  for f in shapes.__dataclass_fields__}
+        ref[name] = jax.device_put(shapes.replace(**fields), jax.tree.map(lambda x: x.sharding, shapes))
     with session.activate():
         return session.init_from_fn(params, ref, jax.random.PRNGKey(seed))
 
@@ -73,7 +78,7 @@ def test_frozen_groups_are_bit_identical_and_hold_no_optimizer_state(tiny_config
     # Adam keeps two moments per trainable parameter and nothing for frozen ones.
     state_size = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert state_size == 2 * (n_total - n_frozen)
-    rows = {r["group"]: r for r in session.groups}
+    rows = {r["group"]: r for r in session.groups.table}
     assert rows["lower"]["frozen"] and rows["lower"]["params"] == n_frozen and rows["lower"]["lr"] == 0.0
 
 
@@ -105,6 +110,51 @@ def test_regularisers_and_distillation_report_their_terms(tiny_config, parent_pa
     assert metrics[1]["penalty"] > 0 and metrics[1]["kl"] > 0
 
 
+@struct.dataclass
+class ShrinkRef:
+    center: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Shrink(Penalty):
+    """A method written outside lmadapt: (mu / 2) ||theta - c||^2 toward a center its load_ref makes (zeros)."""
+
+    mu: float
+    name = "shrink"
+
+    @classmethod
+    def from_config(cls, cfg, origin):
+        return cls(0.25)
+
+    def ref_shapes(self, params, rng):
+        return ShrinkRef(center=params)
+
+    def load_ref(self, origin, params, target):
+        return ShrinkRef(center=jax.tree.map(jnp.zeros_like, params))
+
+    def penalty(self, theta, ref):
+        squares = jax.tree.map(lambda t, c: jnp.sum(jnp.square(t - c)), theta, ref.center)
+        return self.mu / 2 * sum(jax.tree.leaves(squares))
+
+    def describe(self):
+        return {"mu": self.mu}
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(tiny_config, parent_params, monkeypatch):
+    monkeypatch.setattr(strategy, "METHODS", (*strategy.METHODS, Shrink))
+    session = build(tiny_config("mesh.data=1", "schedule.warmup_steps=0", *STARTED), devices=jax.devices()[:1])
+    params = jax.device_put(parent_params, jax.tree.map(lambda t: t.sharding, session.abstract_state.params))
+    ref = session.strategy.load_ref(None, params, session.abstract_state.ref)
+    with session.activate():
+        state = session.init_from_fn(params, ref, jax.random.PRNGKey(0))
+    _, _, metrics = run(session, state, steps=1)
+    expected = 0.25 / 2 * sum(float(np.sum(np.square(p.astype(np.float64)))) for p in jax.tree.leaves(parent_params))
+    np.testing.assert_allclose(metrics[0]["penalty"], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics[0]["objective"], metrics[0]["loss"] + expected, rtol=1e-5)
+    record = session.strategy.describe(session.cfg, list(session.groups.table))
+    assert record["shrink"] == {"mu": 0.25} and record["kind"] == "shrink"
+
+
 def test_kl_gradient_matches_finite_differences():
     rng = np.random.default_rng(0)
     teacher = jnp.asarray(rng.normal(size=(1, 3, 7)), jnp.float32)
@@ -134,7 +184,7 @@ def test_lora_starts_as_the_parent_and_trains_only_adapters(tiny_config, parent_
     for k, v in by_path(parent_params).items():
         np.testing.assert_array_equal(base[k], v)
     assert np.abs(np.asarray(state.params["lora"]["layers_0"]["attn"]["q"]["b"])).max() > 0
-    merged = lora.merge(state.params["base"], state.params["lora"], adapted.objective.lora_scale)
+    merged = lora.merge(state.params["base"], state.params["lora"], adapted.strategy.layout.scale)
     assert not np.array_equal(np.asarray(merged["layers_0"]["attn"]["q"]["kernel"]),
                               parent_params["layers_0"]["attn"]["q"]["kernel"])
 

@@ -58,8 +58,7 @@ def main() -> int:
                 cfg = load_config(args.config, [*common, *extra, f"run.dir={tmp}/{len(rows)}",
                                                 "init.from_version=base"])
                 origin = resolve_origin(cfg)
-                session = build(origin.cfg, tokenizer=origin.tokenizer, teacher_cfg=origin.teacher_cfg,
-                                log=lambda _: None)
+                session = build(origin.cfg, tokenizer=origin.tokenizer, origin=origin, log=lambda _: None)
                 with session.activate():
                     compiled = session.step_fn.lower(session.abstract_state, session.batch(0)).compile()
                 rows.append((name, compiled_memory(compiled), count_params(session.abstract_state.params)))

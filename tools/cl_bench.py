@@ -160,7 +160,7 @@ def main() -> int:
 
 def report(results: dict[str, dict[str, Any]], ref_avg: float, ref_tokens: int, joint: list[float],
            out: str) -> int:
-    from lmadapt.eval.metrics import markdown_table
+    from lmadapt.eval.classification import markdown_table
 
     naive = results.get("naive")
     rows = []

@@ -28,8 +28,6 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 from lmadapt.lineage.records import read_json_object  # noqa: E402
 from lmadapt.lineage.store import Lineage, LineageError, check_version_id  # noqa: E402
 
@@ -130,64 +128,32 @@ def _tree_label(lineage: Lineage, vid: str, r: dict[str, Any] | None, problems: 
     return f"{label}  DAMAGED: {_problems(lineage, problems)}" if problems else label
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 def cmd_diff(lineage: Lineage, args: argparse.Namespace) -> int:
-    import jax
+    """Config, data sources, tokens seen and per-layer relative param change from version A to B."""
+    from lmadapt.lineage.compare import config_changes, layer_changes, source_changes
 
     a, b = lineage.record(args.a), lineage.record(args.b)
-    fa, fb = _flat(a.get("config", {})), _flat(b.get("config", {}))
     print(f"config ({args.a} -> {args.b}):")
-    changed = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-    for k in changed:
-        print(f"  {k}: {fa.get(k, '<unset>')!r} -> {fb.get(k, '<unset>')!r}")
+    changed = config_changes(a, b)
+    for k, old, new in changed:
+        print(f"  {k}: {old!r} -> {new!r}")
     if not changed:
         print("  (same)")
-    sa, sb = a.get("data", {}).get("sources", {}), b.get("data", {}).get("sources", {})
     print("data:")
-    for name in sorted(set(sa) | set(sb)):
-        if name not in sa:
-            print(f"  + {name}: weight {sb[name].get('weight')}")
-        elif name not in sb:
-            print(f"  - {name}")
-        elif sa[name].get("fingerprint") != sb[name].get("fingerprint"):
-            print(f"  ~ {name}: different files or contents")
-        else:
-            print(f"  = {name}")
+    for mark, name, weight in source_changes(a, b):
+        detail = {"+": f": weight {weight}", "~": ": different files or contents"}.get(mark, "")
+        print(f"  {mark} {name}{detail}")
     ta, tb = a.get("data", {}).get("tokens_seen", {}), b.get("data", {}).get("tokens_seen", {})
     for name in sorted(set(ta) | set(tb)):
         print(f"    tokens {name}: {ta.get(name, 0):,} -> {tb.get(name, 0):,}")
-    pa, pb = lineage.load_params(args.a, scan_layers=False), lineage.load_params(args.b, scan_layers=False)
-    flat_a = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-              for p, x in jax.tree_util.tree_flatten_with_path(pa)[0]}
-    flat_b = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-              for p, x in jax.tree_util.tree_flatten_with_path(pb)[0]}
-    if set(flat_a) != set(flat_b) or any(flat_a[k].shape != flat_b[k].shape for k in flat_a):
+    changes = layer_changes(lineage.load_params(args.a, scan_layers=False),
+                            lineage.load_params(args.b, scan_layers=False))
+    if changes is None:
         print("params: different architectures; no per-layer comparison")
         return 0
-    groups: dict[str, list[float]] = {}
-    for k in flat_a:
-        x, y = flat_a[k].astype(np.float64), flat_b[k].astype(np.float64)
-        g = groups.setdefault(k.split("/")[0], [0.0, 0.0])  # per top-level module: embed, layers_i, ...
-        g[0] += float(np.sum((y - x) ** 2))
-        g[1] += float(np.sum(x**2))
     print("params: relative change ||B-A|| / ||A|| per layer")
-
-    def order(name: str) -> tuple[int, int, str]:
-        if name.startswith("layers_"):
-            return (1, int(name.split("_")[1]), name)
-        return (0 if name in ("embed", "pos_embed") else 2, 0, name)
-
-    for name in sorted(groups, key=order):
-        num, den = groups[name]
-        print(f"  {name:<16} {np.sqrt(num) / max(np.sqrt(den), 1e-30):.6f}")
+    for name, change in changes.items():
+        print(f"  {name:<16} {change:.6f}")
     return 0
 
 
@@ -251,29 +217,12 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
 
 def cmd_merge(lineage: Lineage, args: argparse.Namespace) -> int:
     """Average versions (model soup) or interpolate one with another (WiSE-FT) into a new version."""
-    from lmadapt.continual import merge
+    from lmadapt.continual.merge import publish_interpolation, publish_merge
 
     if args.command == "interpolate":
-        sources = [args.a, args.b or (lineage.parents(args.a) or [None])[0]]
-        if sources[1] is None:
-            raise LineageError(f"version {args.a!r} has no parent to interpolate with; name the other version")
-        # alpha is the weight of A: 1 keeps A, 0 gives B (the parent by default).
-        weights = [args.alpha, 1.0 - args.alpha]
+        note = publish_interpolation(lineage, args.a, args.b, args.alpha, args.id, note=args.note)
     else:
-        sources, weights = args.versions, args.weights
-    models = [lineage.model_config(v) for v in sources]
-    if any(dataclasses.replace(m, scan_layers=False) != dataclasses.replace(models[0], scan_layers=False)
-           for m in models):
-        raise LineageError(f"versions {sources} have different architectures and cannot be merged")
-    trees = [lineage.load_params(v, scan_layers=False) for v in sources]
-    try:
-        params = merge.average(trees, weights)
-    except ValueError as e:
-        raise LineageError(str(e)) from None
-    note = args.note or f"{args.command} of {', '.join(sources)} with weights {weights or 'equal'}"
-    lineage.publish(args.id, params, dataclasses.replace(models[0], scan_layers=False), lineage.tokenizer(sources[0]),
-                    parents=list(dict.fromkeys(sources)), note=note,
-                    strategy={"kind": "merge", "method": args.command, "sources": sources, "weights": weights})
+        note = publish_merge(lineage, args.versions, args.id, args.weights, note=args.note)
     print(f"published {args.id}: {note}")
     return 0
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("give input files or --config")
             sources = [SourceConfig(name=f"input{i}", path=p) for i, p in enumerate(args.inputs)]
             vocab, model_type, kind, symbols = args.vocab_size or 2048, args.model_type or "bpe", args.kind or "bpe", []
-        symbols = symbols + [s for s in args.user_symbols.split(",") if s]
+        symbols = [*symbols, *(s for s in args.user_symbols.split(",") if s)]
         texts = [d.prompt + d.text if d.prompt else d.text for src in sources for d in read_source(src).documents]
         if kind == "bpe":
             tokenizer = train_bpe(texts, vocab, user_defined_symbols=symbols)

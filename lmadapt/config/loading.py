@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmadapt.config.schema import Config, ConfigError
+from lmadapt.config.schema import Config, ConfigError, as_tuples
 from lmadapt.config.validation import validate
 from lmadapt.files.paths import file_problem, open_regular
 
@@ -90,8 +90,19 @@ def section_from_dict(cls: type, raw: dict[str, Any], origin: str = "<dict>", pr
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict (YAML/JSON-ready) of a config tree."""
-    return dataclasses.asdict(cfg)
+    """Plain dict (YAML/JSON-ready) of a config tree: sections as dicts, sequences as lists, as a YAML file writes
+    them (version records and checkpoints store this form, and a resume compares it)."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _read_yaml_tree(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
@@ -239,11 +250,9 @@ def _build(cls: type, raw: Any, prefix: str, origin: Callable[[str], str]) -> An
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, key + ".", origin)
-        else:
-            kwargs[name] = _coerce(value, hint, key, origin)
+        if dataclasses.is_dataclass(hint) and value is None:
+            value = {}  # a section key with nothing under it (`model:`) keeps the section's defaults
+        kwargs[name] = _coerce(value, hint, prefix + name, origin)
     return cls(**kwargs)
 
 
@@ -255,65 +264,129 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if origin in (tuple, list):
+        return "list"  # what the user writes; the config holds it as a tuple
     return getattr(hint, "__name__", str(hint))
 
 
-def _coerce(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
-    def bad() -> ConfigError:
-        return ConfigError(f"{origin(key)}: key {key!r} has value {value!r}; expected {_type_name(hint)}")
+# --------------------------------------------------------------------------------------------------
+# Coercion: a YAML value checked against (and converted to) a field's type
+# --------------------------------------------------------------------------------------------------
 
-    org = typing.get_origin(hint)
-    if org in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg, key, origin)
-            except ConfigError:
-                continue
-        raise bad()
-    if org is Literal:
-        choices = typing.get_args(hint)
-        # YAML 1.1 reads a bare on/off as a bool; take the user at their word for on/off choices.
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            return "on" if value else "off"
-        if value in choices and not isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is type(None):
-        if value is None:
-            return None
-        raise bad()
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
-        # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is None:
-            raise bad()
-        if not math.isfinite(number):  # .inf / .nan would only surface as a diverged run, much later
-            raise ConfigError(f"{origin(key)}: key {key!r} has value {value!r}; expected a finite number")
-        return number
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if org is list:
-        if not isinstance(value, list):
-            raise bad()
-        (item,) = typing.get_args(hint) or (Any,)
-        if dataclasses.is_dataclass(item):
-            return [_build(item, v, f"{key}.{i}.", origin) for i, v in enumerate(value)]
-        return [_coerce(v, item, f"{key}[{i}]", origin) for i, v in enumerate(value)]
-    if hint is Any:
+
+class _Mismatch(Exception):
+    """The value does not fit the type; `expected` (if given) replaces the type's name in the message."""
+
+    def __init__(self, expected: str | None = None):
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
+    """`value` as type `hint`, or a ConfigError naming who set `key`, the value and the expected type."""
+    try:
+        return _convert(value, hint, key, origin)
+    except _Mismatch as e:
+        expected = e.expected or _type_name(hint)
+        raise ConfigError(f"{origin(key)}: key {key!r} has value {value!r}; expected {expected}") from None
+
+
+def _convert(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
+    scalar = _SCALARS.get(hint)
+    if scalar is not None:
+        return scalar(value)
+    structure = _STRUCTURES.get(typing.get_origin(hint))
+    if structure is not None:
+        return structure(value, hint, key, origin)
+    if dataclasses.is_dataclass(hint):  # a list item that is a section: `data.sources.0.`
+        return _build(hint, value, key + ".", origin)
+    raise _Mismatch()
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
         return value
-    raise bad()
+    raise _Mismatch()
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _Mismatch()
+
+
+def _as_float(value: Any) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+    # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise _Mismatch()
+    if not math.isfinite(number):  # .inf / .nan would only surface as a diverged run, much later
+        raise _Mismatch("a finite number")
+    return number
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Mismatch()
+
+
+def _as_null(value: Any) -> None:
+    if value is None:
+        return None
+    raise _Mismatch()
+
+
+# Scalar types: hint -> checker returning the value as that type (or raising _Mismatch).
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+    type(None): _as_null,
+    Any: as_tuples,  # taken as written, its lists frozen into tuples (mesh rules: [name, [axes]])
+}
+
+
+def _union(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
+    for arg in typing.get_args(hint):  # the first member type that takes the value
+        try:
+            return _coerce(value, arg, key, origin)
+        except ConfigError:
+            continue
+    raise _Mismatch()
+
+
+def _literal(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> Any:
+    choices = typing.get_args(hint)
+    # YAML 1.1 reads a bare on/off as a bool; take the user at their word for on/off choices.
+    if isinstance(value, bool) and {"on", "off"} <= set(choices):
+        return "on" if value else "off"
+    if value in choices and not isinstance(value, bool):
+        return value
+    raise _Mismatch()
+
+
+def _sequence(value: Any, hint: Any, key: str, origin: Callable[[str], str]) -> tuple[Any, ...] | list[Any]:
+    """A YAML list as `tuple[item, ...]` (or `list[item]`); items are named `key.i` if sections, else `key[i]`."""
+    if not isinstance(value, list):
+        raise _Mismatch()
+    item = typing.get_args(hint)[0]
+    sections = dataclasses.is_dataclass(item)
+    items = [_coerce(v, item, f"{key}.{i}" if sections else f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    return tuple(items) if typing.get_origin(hint) is tuple else items
+
+
+# Structural types, by typing.get_origin(hint): hint -> checker of the value against it.
+_STRUCTURES: dict[Any, Callable[[Any, Any, str, Callable[[str], str]], Any]] = {
+    typing.Union: _union,
+    types.UnionType: _union,
+    Literal: _literal,
+    tuple: _sequence,
+    list: _sequence,
+}

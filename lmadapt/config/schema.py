@@ -1,7 +1,12 @@
-"""The run configuration's typed dataclass tree: every key, its type, default and meaning."""
+"""The run configuration's typed dataclass tree: every key, its type, default and meaning.
+
+Every section is frozen and hashable (sequences are tuples), so code derives a changed config with
+`dataclasses.replace` and jitted functions may take a section, a ModelConfig above all, as a static argument.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,13 +16,34 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line naming the file, the key, the value and what was expected."""
 
 
+def as_tuples(value: Any) -> Any:
+    """`value` with every list in it (nested ones too) a tuple: the frozen form a config holds for a sequence."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def as_lists(value: Any) -> Any:
+    """The inverse of `as_tuples`: every tuple a list, the form a user writes in YAML (and error messages show)."""
+    return [as_lists(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+class _Frozen:
+    """Base of every (frozen) section: a list given for a sequence field by Python code (the YAML loader builds
+    tuples) is stored as a tuple, so `DataConfig(sources=[src])` equals, and hashes as, `DataConfig(sources=(src,))`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, f.name, as_tuples(value))  # frozen: __setattr__ itself refuses
+
+
 # --------------------------------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RopeScalingConfig:
+@dataclass(frozen=True)
+class RopeScalingConfig(_Frozen):
     """RoPE frequency scaling, as transformers' `rope_scaling` / `rope_parameters` (Llama 3.x, long-context
     checkpoints). `default`: none; `linear`: positions / factor; `dynamic`: NTK base growth past
     `original_max_len`; `llama3`: per-band frequency scaling; `yarn`: NTK-by-parts with an attention factor."""
@@ -35,8 +61,8 @@ class RopeScalingConfig:
     truncate: bool = True  # yarn: round the correction range to whole dimensions
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelConfig(_Frozen):
     """A decoder-only transformer. `family` picks the block layout (lmadapt/families.py); sizes and the
     per-checkpoint options follow Hugging Face names."""
 
@@ -86,47 +112,48 @@ class ModelConfig:
 
 
 # Logical axis name -> mesh axes. Kept as data (MaxText style): a user re-shards by editing YAML.
-DEFAULT_RULES: list[list[Any]] = [
-    ["batch", ["data", "fsdp"]],
-    ["activation_length", None],
-    ["activation_embed", "tensor"],
-    ["activation_heads", "tensor"],
-    ["activation_kv_heads", "tensor"],
-    ["activation_mlp", "tensor"],
-    ["activation_vocab", "tensor"],
-    ["embed", "fsdp"],
-    ["vocab", "tensor"],
-    ["heads", "tensor"],
-    ["kv_heads", "tensor"],
-    ["head_dim", None],
-    ["mlp", "tensor"],
-    ["position", None],
-    ["norm", None],
-    ["layers", None],
-    ["cache_batch", ["data", "fsdp"]],
-    ["cache_length", None],
-]
+# Pairs (name, axis | (axes) | None), each written as a list [name, axes] in YAML.
+DEFAULT_RULES: tuple[tuple[Any, ...], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("position", None),
+    ("norm", None),
+    ("layers", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
 
 
-@dataclass
-class MeshConfig:
+@dataclass(frozen=True)
+class MeshConfig(_Frozen):
     """Device mesh sizes; -1 takes all remaining devices (at most one axis may say -1)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+    rules: tuple[tuple[Any, ...], ...] = DEFAULT_RULES
 
 
-@dataclass
-class DistributedConfig:
+@dataclass(frozen=True)
+class DistributedConfig(_Frozen):
     """Multi-host start-up. `auto` initialises when the environment says it is a cluster job."""
 
     mode: Literal["auto", "on", "off"] = "auto"
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
-    local_device_ids: list[int] | None = None
+    local_device_ids: tuple[int, ...] | None = None
     initialization_timeout: int = 300  # seconds
     # A process that misses heartbeats this long is declared dead by the coordinator, which then aborts
     # the others, so a killed peer ends the job instead of leaving the survivors blocked in a collective.
@@ -139,8 +166,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-@dataclass
-class TokenizerConfig:
+@dataclass(frozen=True)
+class TokenizerConfig(_Frozen):
     """The run's tokenizer (a run started from a model version or HF checkpoint keeps that one's instead).
 
     `bytes`: UTF-8 bytes, no training, vocab 259. `bpe`: a lossless byte-level BPE (as GPT-2, Llama 3, Qwen)
@@ -156,11 +183,11 @@ class TokenizerConfig:
     vocab_size: int = 2048
     model_type: Literal["bpe", "unigram"] = "bpe"
     byte_fallback: bool = True
-    user_defined_symbols: list[str] = field(default_factory=list)
+    user_defined_symbols: tuple[str, ...] = ()
 
 
-@dataclass
-class SourceConfig:
+@dataclass(frozen=True)
+class SourceConfig(_Frozen):
     """One named data source of the mixture.
 
     kind `text`: files, folders or globs (plain, .gz, .xz) cut into documents by `documents`.
@@ -180,7 +207,7 @@ class SourceConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     label_field: str = "label"
-    labels: list[str] | None = None
+    labels: tuple[str, ...] | None = None
     template: str = "{text}\nLabel:"
     dataset: str | None = None
     split: str = "train"
@@ -188,24 +215,20 @@ class SourceConfig:
     data_dir: str | None = None
 
 
-def _default_sources() -> list[SourceConfig]:
-    return [SourceConfig(name="shakespeare", path="data/shakespeare.txt.xz")]
-
-
-@dataclass
-class ReplayConfig:
+@dataclass(frozen=True)
+class ReplayConfig(_Frozen):
     """Replay: `fraction` of every batch drawn from `sources` (the data earlier versions trained on)."""
 
     fraction: float = 0.0
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: tuple[SourceConfig, ...] = ()
     from_lineage: bool = False  # add the sources (and replay sources) the parent version was trained on
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(_Frozen):
     """Training data: a weighted mixture of `sources` plus replay, packed into rows of train.seq_len."""
 
-    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    sources: tuple[SourceConfig, ...] = (SourceConfig(name="shakespeare", path="data/shakespeare.txt.xz"),)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     val_fraction: float = 0.05  # of each source's documents, held out (deterministically) for eval
     seed: int = 0
@@ -217,8 +240,8 @@ class DataConfig:
     max_document_bytes: int = 64 * 2**20
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(_Frozen):
     steps: int = 1000
     batch_size: int = 8  # global, in sequences
     seq_len: int = 256
@@ -229,21 +252,21 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 10
 
 
-@dataclass
-class GroupConfig:
+@dataclass(frozen=True)
+class GroupConfig(_Frozen):
     """A parameter group: the parameters any `select` entry matches (first group wins; the rest form
     "default"). Entries: embeddings, attention, mlp, norms, head, biases, lora, base, `layers:A-B`
     (blocks A..B inclusive), `re:REGEX` (on paths like layers_0/attn/q/kernel); join with '+' for AND."""
 
     name: str = ""
-    select: list[str] = field(default_factory=list)
+    select: tuple[str, ...] = ()
     frozen: bool = False  # no updates and no optimizer state
     lr_scale: float = 1.0
     weight_decay: bool | None = None  # null: decay matrices only (not norms, biases, vectors)
 
 
-@dataclass
-class OptimizerConfig:
+@dataclass(frozen=True)
+class OptimizerConfig(_Frozen):
     name: Literal["adamw"] = "adamw"
     lr: float = 3e-4
     b1: float = 0.9
@@ -251,12 +274,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0  # global-norm clip; None disables
-    groups: list[GroupConfig] = field(default_factory=list)
+    groups: tuple[GroupConfig, ...] = ()
     carry_state: bool = False  # start from the parent version's optimizer state (saved with lineage.save_opt_state)
 
 
-@dataclass
-class ScheduleConfig:
+@dataclass(frozen=True)
+class ScheduleConfig(_Frozen):
     """Every run (each continual stage included) starts its schedule at step 0: warmup re-warms the
     learning rate and the decay re-decays it. `wsd`: warmup, stable, then linear decay over the last
     `decay_fraction` of the steps ("infinite" schedule)."""
@@ -268,35 +291,35 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd only
 
 
-@dataclass
-class CheckpointConfig:
+@dataclass(frozen=True)
+class CheckpointConfig(_Frozen):
     every: int = 500  # steps; 0 disables periodic saves (a final and a preemption save still happen)
     keep: int = 3  # the newest N checkpoints...
     keep_every: int = 0  # ...plus every checkpoint at a multiple of this many steps (0: none)
     async_save: bool = True
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(_Frozen):
     every: int = 500  # steps; 0 disables
     batches: int = 4
 
 
-@dataclass
-class LoggingConfig:
+@dataclass(frozen=True)
+class LoggingConfig(_Frozen):
     every: int = 10  # steps between metric fetches (the only host sync in the loop)
     tensorboard: bool = True
     progress: bool = True
 
 
-@dataclass
-class RunConfig:
+@dataclass(frozen=True)
+class RunConfig(_Frozen):
     dir: str = "runs/default"
     seed: int = 0
 
 
-@dataclass
-class FisherConfig:
+@dataclass(frozen=True)
+class FisherConfig(_Frozen):
     """Estimate the diagonal Fisher of the run's result on its training data and publish it with the
     version (EWC in a later stage reads it). Online EWC: the parent's Fisher times `gamma` is added."""
 
@@ -306,8 +329,8 @@ class FisherConfig:
     gamma: float = 1.0
 
 
-@dataclass
-class DistillConfig:
+@dataclass(frozen=True)
+class DistillConfig(_Frozen):
     """Distillation: loss = data_weight * CE + weight * T^2 * KL(teacher_T || student_T) on the run's data.
     teacher "parent" (LwF / self-distillation) or a version id (e.g. a bigger model, for a smaller student)."""
 
@@ -317,17 +340,17 @@ class DistillConfig:
     data_weight: float = 1.0
 
 
-@dataclass
-class LoraConfig:
+@dataclass(frozen=True)
+class LoraConfig(_Frozen):
     """Low-rank adapters on `targets` (q, k, v, o, gate, up, down); the base is frozen. rank 0: off."""
 
     rank: int = 0
     alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    targets: tuple[str, ...] = ("q", "v")
 
 
-@dataclass
-class ContinualConfig:
+@dataclass(frozen=True)
+class ContinualConfig(_Frozen):
     """Regularised updates toward the parent version theta*: L2-SP and EWC weights (lambda), distillation,
     LoRA, and the Fisher estimate this run publishes."""
 
@@ -338,40 +361,40 @@ class ContinualConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-@dataclass
-class InitConfig:
+@dataclass(frozen=True)
+class InitConfig(_Frozen):
     """Where a run's params start: fresh (both null), a lineage version, or a Hugging Face directory."""
 
     from_version: str | None = None
     from_hf: str | None = None
 
 
-@dataclass
-class LineageConfig:
+@dataclass(frozen=True)
+class LineageConfig(_Frozen):
     """`dir`: the lineage that `init.from_version` reads and a finished run publishes into (null: no publish)."""
 
     dir: str | None = None
     save_opt_state: bool = False  # also publish the optimizer state (for optimizer.carry_state in a child)
 
 
-@dataclass
-class VersionConfig:
+@dataclass(frozen=True)
+class VersionConfig(_Frozen):
     """The version a finished run publishes: `id` (null: generated from the time and run) and a note."""
 
     id: str | None = None
     note: str = ""
 
 
-@dataclass
-class StageConfig:
+@dataclass(frozen=True)
+class StageConfig(_Frozen):
     """One stage of a staged run: a version name and the overrides that make its config."""
 
     name: str = ""
-    overrides: list[str] = field(default_factory=list)
+    overrides: tuple[str, ...] = ()
 
 
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class Config(_Frozen):
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -388,4 +411,4 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     lineage: LineageConfig = field(default_factory=LineageConfig)
     version: VersionConfig = field(default_factory=VersionConfig)
-    stages: list[StageConfig] = field(default_factory=list)  # a staged run (see lmadapt.stages)
+    stages: tuple[StageConfig, ...] = ()  # a staged run (see lmadapt.stages)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError, ModelConfig
+from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError, MeshConfig, ModelConfig, as_lists
 from lmadapt.families import family
 
 # --------------------------------------------------------------------------------------------------
@@ -20,25 +20,13 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     max_seq_len is checked against train.seq_len once it is read), so the config's own model is not.
     """
 
+    # Values held as tuples are passed through `as_lists`: a message shows the lists the user wrote.
     def need(ok: bool, key: str, value: Any, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{origin}: key {key!r} has value {value!r}; expected {expected}")
 
     m = cfg.model
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-        need(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
-    need(m.n_kv_heads is None or m.n_kv_heads > 0, "model.n_kv_heads", m.n_kv_heads, "a positive integer or null")
-    need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-         f"a divisor of model.n_heads={m.n_heads}")
-    need(m.head_dim is not None or m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
-         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
-    need(m.head_dim is None or m.head_dim > 0, "model.head_dim", m.head_dim, "a positive integer or null")
-    need(m.family == "gpt2" or m.dim_per_head % 2 == 0, "model.head_dim", m.dim_per_head,
-         "an even head size (RoPE rotates pairs)")
-    need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
-         "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
-    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
-    _validate_family_options(m, need)
+    _validate_model(m, need)
 
     t = cfg.train
     need(t.steps > 0, "train.steps", t.steps, "a positive integer")
@@ -53,16 +41,7 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     need(t.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
          f"a divisor of train.batch_size={t.batch_size}")
 
-    mesh = cfg.mesh
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    for name, v in sizes.items():
-        need(v == -1 or v > 0, f"mesh.{name}", v, "a positive integer or -1 (all remaining devices)")
-    need(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
-    for i, rule in enumerate(mesh.rules):
-        ok = (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
-              and (rule[1] is None or (isinstance(rule[1], str) and rule[1] in sizes)
-                   or (isinstance(rule[1], list) and all(isinstance(a, str) and a in sizes for a in rule[1]))))
-        need(ok, f"mesh.rules[{i}]", rule, "[logical_name, mesh_axis | [mesh_axes] | null]")
+    _validate_mesh(cfg.mesh, need)
 
     o = cfg.optimizer
     need(o.lr > 0, "optimizer.lr", o.lr, "a positive number")
@@ -103,6 +82,35 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
              "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")
 
 
+def _validate_model(m: ModelConfig, need: Callable[[bool, str, Any, str], None]) -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        need(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
+    need(m.n_kv_heads is None or m.n_kv_heads > 0, "model.n_kv_heads", m.n_kv_heads, "a positive integer or null")
+    need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+         f"a divisor of model.n_heads={m.n_heads}")
+    need(m.head_dim is not None or m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+    need(m.head_dim is None or m.head_dim > 0, "model.head_dim", m.head_dim, "a positive integer or null")
+    need(m.family == "gpt2" or m.dim_per_head % 2 == 0, "model.head_dim", m.dim_per_head,
+         "an even head size (RoPE rotates pairs)")
+    need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
+         "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
+    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
+    _validate_family_options(m, need)
+
+
+def _validate_mesh(mesh: MeshConfig, need: Callable[[bool, str, Any, str], None]) -> None:
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for name, v in sizes.items():
+        need(v == -1 or v > 0, f"mesh.{name}", v, "a positive integer or -1 (all remaining devices)")
+    need(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis set to -1")
+    for i, rule in enumerate(mesh.rules):
+        ok = (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
+              and (rule[1] is None or (isinstance(rule[1], str) and rule[1] in sizes)
+                   or (isinstance(rule[1], tuple) and all(isinstance(a, str) and a in sizes for a in rule[1]))))
+        need(ok, f"mesh.rules[{i}]", as_lists(rule), "[logical_name, mesh_axis | [mesh_axes] | null]")
+
+
 def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
     c, started = cfg.continual, cfg.init.from_version or cfg.init.from_hf
     for key, value in (("continual.l2sp", c.l2sp), ("continual.ewc", c.ewc), ("continual.distill.weight",
@@ -117,7 +125,7 @@ def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]
     need(c.lora.rank == 0 or bool(started), "continual.lora.rank", c.lora.rank,
          "0 unless the run starts from a version (LoRA adapts existing weights)")
     for t in c.lora.targets:
-        need(t in ("q", "k", "v", "o", "gate", "up", "down"), "continual.lora.targets", c.lora.targets,
+        need(t in ("q", "k", "v", "o", "gate", "up", "down"), "continual.lora.targets", as_lists(c.lora.targets),
              "a list of q, k, v, o, gate, up, down")
     need(c.fisher.batches > 0, "continual.fisher.batches", c.fisher.batches, "a positive integer")
     need(0 <= c.fisher.gamma <= 1, "continual.fisher.gamma", c.fisher.gamma, "a number in [0, 1]")
@@ -129,7 +137,7 @@ def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]
          "a number in (0, 1]")
     for i, g in enumerate(cfg.optimizer.groups):
         need(_NAME_RE.fullmatch(g.name) is not None, f"optimizer.groups.{i}.name", g.name, "a name")
-        need(bool(g.select), f"optimizer.groups.{i}.select", g.select, "at least one selector")
+        need(bool(g.select), f"optimizer.groups.{i}.select", as_lists(g.select), "at least one selector")
         need(g.lr_scale >= 0, f"optimizer.groups.{i}.lr_scale", g.lr_scale, "a number >= 0")
 
 
@@ -146,10 +154,11 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
          "tokenizer.vocab_size", tok.vocab_size, f"between {floor} and model.vocab_size={cfg.model.vocab_size}")
     need(tok.kind != "hf" or bool(tok.path), "tokenizer.path", tok.path,
          "a tokenizer.json or a directory holding one for kind 'hf'")
-    need(bool(d.sources), "data.sources", d.sources, "at least one source")
+    need(bool(d.sources), "data.sources", as_lists(d.sources), "at least one source")
     need(0 <= d.replay.fraction < 1, "data.replay.fraction", d.replay.fraction, "a number in [0, 1)")
     need(d.replay.fraction == 0 or bool(d.replay.sources) or d.replay.from_lineage, "data.replay.sources",
-         d.replay.sources, "at least one source when data.replay.fraction > 0 (or data.replay.from_lineage=true)")
+         as_lists(d.replay.sources),
+         "at least one source when data.replay.fraction > 0 (or data.replay.from_lineage=true)")
     seen: set[str] = set()
     groups = [("data.sources", d.sources), ("data.replay.sources", d.replay.sources)]
     for group, sources in groups:
@@ -166,7 +175,8 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
             if src.kind == "tfds":
                 need(bool(src.dataset), f"{key}.dataset", src.dataset, "a tfds dataset name for kind 'tfds'")
             if src.format == "classification":
-                need(bool(src.labels), f"{key}.labels", src.labels, "the list of labels for format 'classification'")
+                need(bool(src.labels), f"{key}.labels", as_lists(src.labels),
+                     "the list of labels for format 'classification'")
                 need("{text}" in src.template, f"{key}.template", src.template, "a template containing {text}")
 
 

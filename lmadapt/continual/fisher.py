@@ -18,7 +18,9 @@ padding a last, short batch with empty rows does not dilute F.
       are a pure function of (params, batch, rng, i) and can be reproduced outside.
 
 Everything here is pure (no I/O, no mutable state). The per-batch gradient work is one jitted function, compiled
-once per (model object, batch shape) and shared by both kinds ("true" adds one jitted forward pass per batch).
+once per (model, batch shape) and shared by both kinds ("true" adds one jitted forward pass per batch). The model is
+a static argument of those functions: a module built from a (frozen, hashable) ModelConfig is itself hashable, and
+equal configs give equal modules, so calls with equal models reuse the compiled code.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmadapt.data.batch import KEYS, Batch
+from lmadapt.model import forward
+
 __all__ = ["accumulate_online", "batch_key", "ewc_penalty", "fisher_diagonal", "l2sp_penalty", "sample_targets"]
 
-Batch = Mapping[str, jax.Array]  # tokens, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] float32
-_INPUT_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+_INPUT_KEYS = tuple(k for k in KEYS if k != "targets")  # what a batch needs for kind "true"
 
 
 def sample_targets(logits: jax.Array, rng: jax.Array) -> jax.Array:
@@ -50,46 +54,24 @@ def batch_key(rng: jax.Array, index: int | jax.Array) -> jax.Array:
 
 def _log_likelihood(params: Any, model: nn.Module, row: Mapping[str, jax.Array], targets: jax.Array) -> jax.Array:
     """sum_t mask_t * log p(targets_t | context) for one row ([T] arrays), as a float32 scalar."""
-    logits = model.apply({"params": params}, row["tokens"][None], positions=row["positions"][None],
-                         segment_ids=row["segment_ids"][None])[0]
+    logits = forward(params, model, {k: v[None] for k, v in row.items()})[0]  # a batch of one row
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return -jnp.sum(losses * row["loss_mask"].astype(jnp.float32))
 
 
-class _Static:
-    """A linen module as a jit static argument, hashed by identity (ModelConfig is an unhashable dataclass).
-
-    Lets the jitted functions below be defined once and hit jit's cache across `fisher_diagonal` calls on the same
-    model object; the cache entry keeps that object alive, so its id cannot be reused meanwhile.
-    """
-
-    __slots__ = ("model",)
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __hash__(self) -> int:
-        return id(self.model)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Static) and other.model is self.model
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
-def _model_targets(params: Any, batch: dict[str, jax.Array], key: jax.Array, *, model: _Static) -> jax.Array:
+def _model_targets(params: Any, batch: Batch, key: jax.Array, *, model: nn.Module) -> jax.Array:
     """True-Fisher labels of a batch: `sample_targets` of the model's logits on the real tokens."""
-    logits = model.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
-    return sample_targets(logits, key)
+    return sample_targets(forward(params, model, batch), key)
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(0, 1))
-def _accumulate_batch(acc: Any, n_rows: jax.Array, params: Any, batch: dict[str, jax.Array], *,
-                      model: _Static) -> tuple[Any, jax.Array]:
+def _accumulate_batch(acc: Any, n_rows: jax.Array, params: Any, batch: Batch, *,
+                      model: nn.Module) -> tuple[Any, jax.Array]:
     """(acc + sum over rows of g_r**2, n_rows + rows with a counted token) for one batch; g_r via vmap(grad)."""
     per_row = jax.vmap(jax.grad(_log_likelihood), in_axes=(None, None, 0, 0))
     rows = {k: batch[k] for k in _INPUT_KEYS}
-    grads = per_row(params, model.model, rows, batch["targets"])  # every leaf [B, *param.shape]
+    grads = per_row(params, model, rows, batch["targets"])  # every leaf [B, *param.shape]
     acc = jax.tree.map(lambda a, g: a + jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), acc, grads)
     counted = jnp.sum(jnp.any(batch["loss_mask"] != 0, axis=-1).astype(jnp.float32))
     return acc, n_rows + counted
@@ -111,6 +93,7 @@ def fisher_diagonal(params: Any, model: nn.Module, batches: Iterable[Batch], *,
     """Diagonal Fisher: mean over (non-empty) rows of all batches of the squared per-row log-likelihood gradient.
 
     params: boxed or plain; the result is a plain float32 tree of the same structure and shapes.
+    model: a hashable linen module such as `Transformer(cfg)` (a static argument of the compiled steps).
     batches: dicts with tokens, positions, segment_ids, loss_mask ([B, T]) and, for "empirical", targets.
     kind/rng: see the module docstring; `rng` is required for "true".
     Memory: per-row gradients are materialised for a whole batch ([B, *params]); choose B accordingly.
@@ -122,7 +105,6 @@ def fisher_diagonal(params: Any, model: nn.Module, batches: Iterable[Batch], *,
     if kind == "true" and rng is None:
         raise ValueError("kind='true' samples labels from the model and needs an rng")
     params = nn.unbox(params)
-    static = _Static(model)
     acc, n_rows = _zeros(params)
     keys = (*_INPUT_KEYS, "targets") if kind == "empirical" else _INPUT_KEYS
     for index, batch in enumerate(batches):
@@ -131,8 +113,8 @@ def fisher_diagonal(params: Any, model: nn.Module, batches: Iterable[Batch], *,
             raise ValueError(f"batch {index} lacks {missing}")
         inputs = {k: jnp.asarray(batch[k]) for k in keys}
         if kind == "true":
-            inputs["targets"] = _model_targets(params, inputs, batch_key(rng, index), model=static)
-        acc, n_rows = _accumulate_batch(acc, n_rows, params, inputs, model=static)
+            inputs["targets"] = _model_targets(params, inputs, batch_key(rng, index), model=model)
+        acc, n_rows = _accumulate_batch(acc, n_rows, params, inputs, model=model)
     total = float(n_rows)
     if total == 0:
         raise ValueError("fisher_diagonal got no row with a nonzero loss_mask (empty or fully masked batches)")

@@ -26,22 +26,33 @@ kaiming-uniform A), which keeps x @ A of the size of x per rank component, so B'
 vanish nor explode whatever the width. Adapters are float32 by default whatever the params' dtype.
 
 Dtypes. `merge` computes W + scale * A B in float32 (HIGHEST matmul precision) and casts to W's dtype.
+
+As a continual method (`LoRA`, at the end): `continual.lora.{rank, alpha, targets}`; the run's trainable params
+are {"base": the model's params (frozen), "lora": adapters}, merged before every forward pass, and the version
+publishes the merged params plus the adapters (artifact "lora", what `lmadapt.hf.peft` exports).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import string
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PROJECTIONS", "TARGETS", "box_lora", "delta", "init_lora", "lora_scale", "merge"]
+from lmadapt.continual.method import Layout
+
+if TYPE_CHECKING:
+    from lmadapt.config import Config
+    from lmadapt.lineage.origin import Origin
+
+__all__ = ["PROJECTIONS", "TARGETS", "LoRA", "box_lora", "delta", "init_lora", "lora_scale", "merge"]
 
 # Projection name -> (number of input axes, number of output axes) of its kernel, from lmadapt.model.
 PROJECTIONS: dict[str, tuple[int, int]] = {
@@ -219,3 +230,46 @@ def box_lora(params: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, An
         return {key: walk(p[key], child, (*path, key)) for key, child in node.items()}
 
     return walk(params, lora, ())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Layout):
+    """The LoRA method: train adapters on `targets` of a frozen base (the start version's params)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    name = "lora"
+    # Selectors for optimizer.groups: adapters and base params (paths in the {"base", "lora"} layout).
+    SELECTORS = {"lora": lambda p: p.startswith("lora/"), "base": lambda p: p.startswith("base/")}
+    frozen = ("base",)
+
+    @classmethod
+    def from_config(cls, cfg: Config, origin: Origin | None) -> LoRA | None:
+        c = cfg.continual.lora
+        return cls(c.rank, c.alpha, tuple(c.targets)) if c.rank else None
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank)
+
+    def wrap(self, params: Any, rng: jax.Array) -> dict[str, Any]:
+        # B = 0: the merged model is the base model at step 0.
+        return {"base": params, "lora": init_lora(params, self.targets, self.rank, rng)}
+
+    def wrap_shapes(self, params: Any, rng: jax.Array) -> dict[str, Any]:
+        # Unboxed inside the trace: unboxing abstract values eagerly would apply sharding constraints.
+        adapters = jax.eval_shape(lambda p, r: init_lora(nn.unbox(p), self.targets, self.rank, r), params, rng)
+        return {"base": params, "lora": adapters}
+
+    def model_params(self, params: Any) -> Any:
+        return params["base"]
+
+    def effective(self, params: Any) -> Any:
+        return merge(params["base"], params["lora"], self.scale)
+
+    def publishable(self, params: Any) -> tuple[Any, dict[str, Any]]:
+        return self.effective(params), {"lora": params["lora"]}
+
+    def describe(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}

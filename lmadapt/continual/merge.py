@@ -8,20 +8,26 @@ bfloat16 params gives bfloat16 params. Leaves are expected to be floating point 
     soup = average([params_a, params_b, params_c], [2, 1, 1])  # weights are normalised to sum to 1
 
 Trees must have the same structure and leaf shapes; otherwise a `ValueError` names the first mismatching path.
-Loading versions from the lineage is not done here.
+
+`publish_merge` and `publish_interpolation` do the same to versions of a lineage and publish the result as a new
+version whose parents are the sources (`tools/lineage.py merge / interpolate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["average", "check_compatible", "interpolate"]
+if TYPE_CHECKING:
+    from lmadapt.lineage.store import Lineage
+
+__all__ = ["average", "check_compatible", "interpolate", "publish_interpolation", "publish_merge"]
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -103,3 +109,54 @@ def average(trees: Sequence[Any], weights: Sequence[float] | None = None) -> Any
         return acc.astype(jnp.result_type(leaves[0]))
 
     return jax.tree.map(mix, *trees)
+
+
+def publish_merge(lineage: Lineage, sources: Sequence[str], new_id: str, weights: Sequence[float] | None = None, *,
+                  note: str = "") -> str:
+    """Publish the weighted average of versions `sources` (a model soup; `weights` as in `average`, None: equal)
+    as version `new_id`, whose parents are the distinct sources, and return the note it records (`note`, else one
+    naming the sources and weights).
+
+    Raises `LineageError`, before anything is written, for an unknown source, sources of different architectures
+    (runtime options such as `scan_layers` aside), bad weights or trees that do not match; `Lineage.publish`
+    refuses an invalid or existing `new_id`.
+    """
+    return _publish_average(lineage, list(sources), None if weights is None else list(weights), new_id,
+                            method="merge", note=note)
+
+
+def publish_interpolation(lineage: Lineage, version: str, other: str | None, alpha: float, new_id: str, *,
+                          note: str = "") -> str:
+    """Publish alpha * `version` + (1 - alpha) * `other` (WiSE-FT) as version `new_id` and return its note.
+
+    `other` None means `version`'s first parent (a `LineageError` if it has none): alpha 1 keeps `version`, 0 gives
+    the parent. Otherwise as `publish_merge`, with weights [alpha, 1 - alpha] (so alpha outside [0, 1] is refused).
+    """
+    # Imported here: the lineage package loads the store (orbax, the model), which the tree functions do not need.
+    from lmadapt.lineage.store import LineageError
+
+    other = other or (lineage.parents(version) or [None])[0]
+    if other is None:
+        raise LineageError(f"version {version!r} has no parent to interpolate with; name the other version")
+    return _publish_average(lineage, [version, other], [alpha, 1.0 - alpha], new_id, method="interpolate",
+                            note=note)
+
+
+def _publish_average(lineage: Lineage, sources: list[str], weights: list[float] | None, new_id: str, *,
+                     method: str, note: str) -> str:
+    """The merge of `sources`, recorded as strategy {"kind": "merge", "method": method, ...}; returns the note."""
+    from lmadapt.lineage.store import LineageError
+
+    # Compare and publish in the unstacked layout: how each source was trained (scanned or not) does not matter.
+    models = [dataclasses.replace(lineage.model_config(v), scan_layers=False) for v in sources]
+    if any(m != models[0] for m in models):
+        raise LineageError(f"versions {sources} have different architectures and cannot be merged")
+    trees = [lineage.load_params(v, scan_layers=False) for v in sources]
+    try:
+        params = average(trees, weights)
+    except ValueError as e:
+        raise LineageError(str(e)) from None
+    note = note or f"{method} of {', '.join(sources)} with weights {weights or 'equal'}"
+    lineage.publish(new_id, params, models[0], lineage.tokenizer(sources[0]), parents=list(dict.fromkeys(sources)),
+                    note=note, strategy={"kind": "merge", "method": method, "sources": sources, "weights": weights})
+    return note

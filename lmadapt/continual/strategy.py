@@ -1,128 +1,127 @@
-"""A run's continual-update strategy as data: the train state's layout and the step's objective.
+"""A run's continual strategy: the methods it uses, built once from the config (`build`).
 
-The strategy decides (1) what the trainable params are (the model's, or a frozen base plus LoRA
-adapters), (2) which constants ride along in `TrainState.ref` (the parent's params as the L2-SP/EWC
-anchor, its Fisher, a distillation teacher's params), and (3) the `Objective` the train step minimises.
-Everything else about the step is the same for every strategy.
+    strategy = build(cfg, origin)            # origin: where the run starts (lmadapt.lineage.origin)
+    cfg = strategy.prepare(cfg)              # e.g. replay sources completed from the parent's record
+    params = strategy.wrap(start_params, rng); ref = strategy.load_ref(origin, start_params, targets)
+
+The train state's layout follows from it: the trainable params (the model's, or a LoRA layout's), the
+constants in `TrainState.ref` (one `Ref` of named fields per method that keeps some) and the objective's
+terms (`lmadapt.train_step.Objective`). A new method is one module plus one line in `METHODS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 
-from lmadapt.config import Config, ModelConfig
-from lmadapt.continual import lora
-from lmadapt.model import Transformer
-from lmadapt.optim import group_labels, trainable_mask
-from lmadapt.train_step import Objective, TrainState, init_state
+from lmadapt.continual import replay
+from lmadapt.continual.distill import Distill
+from lmadapt.continual.ewc import EWC, PublishFisher
+from lmadapt.continual.l2sp import L2SP
+from lmadapt.continual.lora import LoRA
+from lmadapt.continual.method import Layout, Method, Penalty, Run, TokenTerm, WithRef
+from lmadapt.continual.replay import Replay
 
+if TYPE_CHECKING:
+    from lmadapt.config import Config
+    from lmadapt.lineage.origin import Origin
 
-def frozen_extra(cfg: Config) -> tuple[str, ...]:
-    """Named selectors frozen by the strategy itself (the base under LoRA)."""
-    return ("base",) if cfg.continual.lora.rank else ()
-
-
-def ref_keys(cfg: Config) -> tuple[str, ...]:
-    c = cfg.continual
-    keys = []
-    if c.l2sp or c.ewc:
-        keys.append("anchor")
-    if c.ewc:
-        keys.append("fisher")
-    if c.distill.weight:
-        keys.append("teacher")
-    return tuple(keys)
+# Every method, in the order its word appears in the strategy's kind ("l2sp+ewc+replay").
+METHODS: tuple[type[Method], ...] = (L2SP, EWC, Distill, LoRA, Replay, PublishFisher)
+# Named params selectors the methods bring to `optimizer.groups` (whether or not this run uses them).
+SELECTORS: Mapping[str, Callable[[str], bool]] = {k: v for m in METHODS for k, v in m.SELECTORS.items()}
 
 
-def abstract_state(cfg: Config, model: Transformer, tx: optax.GradientTransformation,
-                   teacher: Transformer | None) -> TrainState:
-    """Shapes of the whole train state with logical names (boxed leaves): call under the mesh's rules."""
-    rng = jax.random.PRNGKey(0)
-    base = jax.eval_shape(functools.partial(init_state, model=model, tx=tx, seq_len=8, boxed=True), rng)
-    params = base.params
-    if cfg.continual.lora.rank:
-        # Unboxed inside the trace: unboxing abstract values eagerly would apply sharding constraints.
-        adapters = jax.eval_shape(lambda p, r: lora.init_lora(nn.unbox(p), cfg.continual.lora.targets,
-                                                              cfg.continual.lora.rank, r), base.params, rng)
-        params = {"base": base.params, "lora": adapters}
-    opt_state = jax.eval_shape(tx.init, params) if params is not base.params else base.opt_state
-    ref: dict[str, Any] = {}
-    for key in ref_keys(cfg):
-        if key == "teacher":
-            assert teacher is not None
-            ref[key] = jax.eval_shape(lambda r: teacher.init(r, jnp.zeros((1, 8), jnp.int32))["params"], rng)
-        else:
-            ref[key] = base.params
-    return TrainState(step=base.step, params=params, opt_state=opt_state, rng=base.rng, ref=ref)
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """The methods a run uses, and what follows from them for the train state."""
+
+    methods: tuple[Method, ...]
+
+    @property
+    def layout(self) -> Layout | None:
+        return next((m for m in self.methods if isinstance(m, Layout)), None)
+
+    @property
+    def with_ref(self) -> tuple[WithRef, ...]:
+        return tuple(m for m in self.methods if isinstance(m, WithRef))
+
+    @property
+    def penalties(self) -> tuple[Penalty, ...]:
+        return tuple(m for m in self.methods if isinstance(m, Penalty))
+
+    @property
+    def token_terms(self) -> tuple[TokenTerm, ...]:
+        return tuple(m for m in self.methods if isinstance(m, TokenTerm))
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Named selectors whose params the methods themselves freeze (the base under LoRA)."""
+        return tuple(sel for m in self.methods for sel in m.frozen)
+
+    def prepare(self, cfg: Config) -> Config:
+        for m in self.methods:
+            cfg = m.prepare(cfg)
+        return cfg
+
+    # --- the train state -------------------------------------------------------------------------------------
+    def param_shapes(self, params: Any, rng: jax.Array) -> Any:
+        """The trainable params' shapes given the model params' boxed shapes."""
+        return self.layout.wrap_shapes(params, rng) if self.layout else params
+
+    def wrap(self, params: Any, rng: jax.Array) -> Any:
+        """The trainable params around a start version's params."""
+        return self.layout.wrap(params, rng) if self.layout else params
+
+    def model_params(self, params: Any) -> Any:
+        """The model's params inside the trainable ones (or their shapes)."""
+        return self.layout.model_params(params) if self.layout else params
+
+    def ref_shapes(self, params: Any, rng: jax.Array) -> dict[str, Any]:
+        return {m.name: m.ref_shapes(params, rng) for m in self.with_ref}
+
+    def load_ref(self, origin: Origin, params: Any, targets: Mapping[str, Any]) -> dict[str, Any]:
+        """Every method's constants for a run from `origin` whose start params are `params`."""
+        return {m.name: m.load_ref(origin, params, targets[m.name]) for m in self.with_ref}
+
+    # --- the version it publishes ------------------------------------------------------------------------------
+    def publishable(self, params: Any, run: Run, origin: Origin) -> tuple[Any, dict[str, Any]]:
+        """(params of the new version, artifacts): merged LoRA params and adapters, a Fisher, ..."""
+        params, artifacts = self.layout.publishable(params) if self.layout else (params, {})
+        for m in self.methods:
+            artifacts.update(m.artifacts(params, run, origin))
+        return params, artifacts
+
+    def kind(self, table: list[dict[str, Any]]) -> str:
+        """e.g. "l2sp+ewc", "lora", "freeze+replay"; "full" or "pretrain" without any method."""
+        words = [w for m in self.methods if not isinstance(m, Replay) and (w := m.kind())]
+        if not self.frozen and any(r["frozen"] for r in table):
+            words.append("freeze")  # frozen optimizer groups, beyond what the methods freeze themselves
+        words += [w for m in self.methods if isinstance(m, Replay) and (w := m.kind())]
+        return "+".join(words)
+
+    def describe(self, cfg: Config, table: list[dict[str, Any]]) -> dict[str, Any]:
+        """The strategy as the version records it: groups, schedule, optimizer state, replay, each method."""
+        out: dict[str, Any] = {
+            "groups": table,
+            "frozen_params": sum(r["params"] for r in table if r["frozen"]),
+            "trainable_params": sum(r["params"] for r in table if not r["frozen"]),
+            "schedule": dataclasses.asdict(cfg.schedule), "lr": cfg.optimizer.lr,
+            "optimizer_state": "carried" if cfg.optimizer.carry_state else "fresh",
+            "replay": replay.describe(cfg),
+        }
+        for m in self.methods:
+            entry = m.describe()
+            if entry is not None:
+                out[m.name] = entry
+        started = cfg.init.from_version or cfg.init.from_hf
+        out["kind"] = self.kind(table) or ("full" if started else "pretrain")
+        return out
 
 
-def make_objective(cfg: Config, params: Any, teacher: Transformer | None) -> Objective:
-    """The step's objective for `cfg`; `params` (plain or boxed shapes) fixes which leaves are trainable."""
-    c = cfg.continual
-    labels = group_labels(params, cfg.optimizer.groups, frozen_extra(cfg))
-    mask = trainable_mask(labels, cfg.optimizer.groups)
-    trainable = tuple(jax.tree.leaves(mask))
-    return Objective(
-        data_weight=c.distill.data_weight if c.distill.weight else 1.0,
-        distill_weight=c.distill.weight, temperature=c.distill.temperature, l2sp=c.l2sp, ewc=c.ewc,
-        lora_scale=lora.lora_scale(c.lora.alpha, c.lora.rank) if c.lora.rank else None,
-        trainable=None if all(trainable) else trainable, teacher=teacher)
-
-
-def start_state(base_params: Any, ref: Any, rng: jax.Array, *, cfg: Config, tx: optax.GradientTransformation,
-                opt_state: Any = None) -> TrainState:
-    """Step-0 state around a version's params: adapters added under LoRA (B = 0, so the function is
-    unchanged), a fresh (or carried) optimizer state, and the strategy's constants."""
-    init_rng, state_rng = jax.random.split(rng)
-    params = base_params
-    if cfg.continual.lora.rank:
-        params = {"base": base_params, "lora": lora.init_lora(base_params, cfg.continual.lora.targets,
-                                                              cfg.continual.lora.rank, init_rng)}
-    opt_state = tx.init(params) if opt_state is None else opt_state
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng, ref=ref)
-
-
-def publishable(state: TrainState, objective: Objective) -> tuple[Any, dict[str, Any]]:
-    """(params of the new version, artifacts): LoRA runs publish merged params plus their adapters."""
-    if objective.lora_scale is None:
-        return state.params, {}
-    return objective.effective_params(state.params), {"lora": state.params["lora"]}
-
-
-def describe(cfg: Config, table: list[dict[str, Any]], teacher_cfg: ModelConfig | None) -> dict[str, Any]:
-    """The strategy as recorded in the version: groups, regularisers, distillation, LoRA, replay, schedule."""
-    c = cfg.continual
-    out: dict[str, Any] = {
-        "groups": table,
-        "frozen_params": sum(r["params"] for r in table if r["frozen"]),
-        "trainable_params": sum(r["params"] for r in table if not r["frozen"]),
-        "schedule": dataclasses.asdict(cfg.schedule), "lr": cfg.optimizer.lr,
-        "optimizer_state": "carried" if cfg.optimizer.carry_state else "fresh",
-        "replay": {"fraction": cfg.data.replay.fraction, "sources": [s.name for s in cfg.data.replay.sources],
-                   "from_lineage": cfg.data.replay.from_lineage},
-    }
-    if c.l2sp:
-        out["l2sp"] = {"lambda": c.l2sp}
-    if c.ewc:
-        out["ewc"] = {"lambda": c.ewc, "fisher_from": cfg.init.from_version}
-    if c.distill.weight:
-        out["distill"] = {**dataclasses.asdict(c.distill),
-                          "teacher_model": dataclasses.asdict(teacher_cfg) if teacher_cfg else None}
-    if c.lora.rank:
-        out["lora"] = dataclasses.asdict(c.lora)
-    if c.fisher.compute:
-        out["fisher"] = dataclasses.asdict(c.fisher)
-    kinds = [k for k in ("l2sp", "ewc", "distill", "lora") if k in out]
-    if out["frozen_params"] and not c.lora.rank:
-        kinds.append("freeze")
-    if cfg.data.replay.fraction:
-        kinds.append("replay")
-    out["kind"] = "+".join(kinds) or ("full" if cfg.init.from_version or cfg.init.from_hf else "pretrain")
-    return out
+def build(cfg: Config, origin: Origin | None = None) -> Strategy:
+    """The strategy `cfg` configures for a run from `origin` (None: no lineage to read, e.g. a test's session)."""
+    return Strategy(tuple(m for cls in METHODS if (m := cls.from_config(cfg, origin)) is not None))

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]  # tokens, targets, positions, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]
+from lmadapt.data.batch import Batch
 
 
 @dataclasses.dataclass

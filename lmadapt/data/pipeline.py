@@ -24,7 +24,8 @@ import numpy as np
 
 from lmadapt.config import DataConfig, SourceConfig, TokenizerConfig
 from lmadapt.data import DataError
-from lmadapt.data.packing import Batch, PackedRows, pack
+from lmadapt.data.batch import Batch
+from lmadapt.data.packing import PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
 from lmadapt.data.tokenizers import (

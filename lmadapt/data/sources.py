@@ -212,8 +212,9 @@ def _reading_rule(src: SourceConfig) -> dict[str, Any]:
     elif src.format == "prompt_completion":
         rule.update(prompt_field=src.prompt_field, completion_field=src.completion_field)
     else:
-        rule.update(text_field=src.text_field, label_field=src.label_field, labels=src.labels,
-                    template=src.template)
+        # labels as a list: the fingerprint is compared with the JSON one a checkpoint saved
+        rule.update(text_field=src.text_field, label_field=src.label_field,
+                    labels=None if src.labels is None else list(src.labels), template=src.template)
     return rule
 
 
@@ -257,7 +258,7 @@ def _jsonl_documents(text: str, path: str, src: SourceConfig, limit: int) -> lis
                                  prompt=_field(record, src.prompt_field, where)))
         else:
             label = record.get(src.label_field)
-            labels = src.labels or []
+            labels = list(src.labels or ())  # shown as the list the config wrote
             if str(label) not in labels:
                 raise DataError(f"{where}: label {label!r} is not in the label set {labels} of source {src.name!r}")
             prompt = src.template.replace("{text}", _field(record, src.text_field, where))

@@ -18,6 +18,7 @@ from lmadapt.data.sources import read_source
 from lmadapt.eval.scoring import classify, dataset_key, lm_scores
 from lmadapt.lineage import metrics as lineage_metrics
 from lmadapt.lineage.store import Lineage, LineageError
+from lmadapt.model import per_layer
 
 LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"]
 
@@ -61,7 +62,7 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
                 continue
             if params is None:
                 params = lineage.load_params(vid, scan_layers=False)
-            scores = lm_scores(params, _unscanned(model_cfg), tokenizer, src, seq_len=seq_len, batch_size=batch_size,
+            scores = lm_scores(params, per_layer(model_cfg), tokenizer, src, seq_len=seq_len, batch_size=batch_size,
                                max_batches=max_batches, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir)
             scores.update(want)
             cacher.add(vid, scores["key"], scores)
@@ -114,7 +115,7 @@ class _Cacher:
 def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
                         val_fraction: float, seed: int, max_examples: int) -> list[dict[str, Any]]:
     """Accuracy, macro precision/recall/F1 and the confusion matrix per (version, classification dataset)."""
-    from lmadapt.eval.metrics import classification_report
+    from lmadapt.eval.classification import classification_report
 
     rows = []
     for vid in versions:
@@ -123,7 +124,7 @@ def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Seq
             if src.format != "classification":
                 continue
             params = params if params is not None else lineage.load_params(vid, scan_layers=False)
-            out = classify(params, _unscanned(lineage.model_config(vid)), lineage.tokenizer(vid), src,
+            out = classify(params, per_layer(lineage.model_config(vid)), lineage.tokenizer(vid), src,
                            max_examples=max_examples, val_fraction=val_fraction, seed=seed)
             report = classification_report(out["y_true"], out["y_pred"], out["labels"])
             rows.append({"version": vid, "dataset": src.name, **report})
@@ -133,7 +134,7 @@ def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Seq
 def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versions: Sequence[str],
                  datasets: Sequence[str], classification: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """results.json / results.csv / results.md (+ heatmap.png, loss_by_version.png); returns their paths."""
-    from lmadapt.eval.metrics import csv_text, markdown_table
+    from lmadapt.eval.classification import csv_text, markdown_table
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
@@ -166,12 +167,6 @@ def _loss(rows: list[dict[str, Any]], version: str, dataset: str) -> float:
         if r["version"] == version and r["dataset"] == dataset:
             return float(r["loss"])
     return float("nan")
-
-
-def _unscanned(model_cfg):
-    import dataclasses
-
-    return dataclasses.replace(model_cfg, scan_layers=False)
 
 
 def _write(path: str, text: str) -> None:

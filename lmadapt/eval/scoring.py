@@ -9,7 +9,6 @@ log-probability of every label continuation after its prompt and predict the bes
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -21,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmadapt.config import DataConfig, ModelConfig, SourceConfig, TokenizerConfig
+from lmadapt.data.batch import Batch
 from lmadapt.data.pipeline import build_pipeline, split_documents
 from lmadapt.data.sources import read_source
 from lmadapt.data.tokenizers import Tokenizer
-from lmadapt.model import ConfigKey, Transformer
+from lmadapt.model import Transformer, forward, per_layer
 
 
 def dataset_key(src: SourceConfig, fingerprint: dict[str, Any], tokenizer: Tokenizer, val_fraction: float,
@@ -42,33 +42,28 @@ def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
     return tokenizer.token_bytes()
 
 
-@functools.lru_cache(maxsize=8)
-def _scorer(key: ConfigKey) -> Any:
-    model = Transformer(key.config)
-
-    @jax.jit
-    def score(params, batch):
-        logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        mask = batch["loss_mask"]
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return -jnp.sum(target_logp * mask), jnp.sum(mask), jnp.sum(correct * mask), -jnp.sum(target_logp * mask,
-                                                                                                   axis=-1)
-
-    return score
+# The model is a static argument: equal configs give equal (hashable) modules, so every version of one
+# architecture shares the compiled scorer.
+@functools.partial(jax.jit, static_argnames="model")
+def _score(params: Any, batch: Batch, *, model: Transformer) -> tuple[jax.Array, ...]:
+    """(summed target NLL, counted tokens, correct argmax predictions, per-row summed NLL [B]) of a batch."""
+    logits = forward(params, model, batch)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return -jnp.sum(target_logp * mask), jnp.sum(mask), jnp.sum(correct * mask), -jnp.sum(target_logp * mask, axis=-1)
 
 
 def _score_fn(model_cfg: ModelConfig):
-    return _scorer(ConfigKey(dataclasses.replace(model_cfg, scan_layers=False)))
+    return functools.partial(_score, model=Transformer(per_layer(model_cfg)))
 
 
 def lm_scores(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, src: SourceConfig, *, seq_len: int,
               batch_size: int, max_batches: int, val_fraction: float = 0.05, seed: int = 0,
               cache_dir: str | None = None) -> dict[str, Any]:
     """Held-out scores of one dataset (its split is the one training used: same seed and fraction)."""
-    data = DataConfig(sources=[src], val_fraction=val_fraction, seed=seed, cache_dir=cache_dir or "~/.cache/lmadapt")
+    data = DataConfig(sources=(src,), val_fraction=val_fraction, seed=seed, cache_dir=cache_dir or "~/.cache/lmadapt")
     pipe = build_pipeline(data, TokenizerConfig(), batch_size, seq_len, tokenizer=tokenizer)
     table = token_bytes(tokenizer)
     score = _score_fn(model_cfg)

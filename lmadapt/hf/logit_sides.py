@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -25,7 +25,7 @@ import numpy as np
 
 from lmadapt.config import ModelConfig
 from lmadapt.data.tokenizers import Tokenizer
-from lmadapt.model import ConfigKey, Transformer
+from lmadapt.model import Transformer, per_layer
 
 DTYPES = ("float32", "bfloat16")
 
@@ -79,7 +79,7 @@ class LmadaptSide:
         return self.tokenizer.bos_id if self.tokenizer is not None and self.tokenizer.bos_id >= 0 else None
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        out = _forward(ConfigKey(self.cfg))(self.params, jnp.asarray(tokens, jnp.int32)[None])
+        out = _logits(self.params, jnp.asarray(tokens, jnp.int32)[None], model=Transformer(self.cfg))
         return np.asarray(out[0], np.float32)
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -90,15 +90,17 @@ class LmadaptSide:
         return np.asarray(out[0, len(prompt):])
 
 
-@functools.lru_cache(maxsize=8)
-def _forward(key: ConfigKey) -> Callable[[Any, jax.Array], jax.Array]:
-    model = Transformer(key.config)
-    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+# The model is a static argument: equal configs give equal modules, one compile. Not `lmadapt.model.forward`: a row
+# here is one unpacked document from position 0, which the model's defaults (positions 0..T-1, one segment) state
+# without building a batch, and the check's graph stays the one it has always compared.
+@functools.partial(jax.jit, static_argnames="model")
+def _logits(params: Any, tokens: jax.Array, *, model: Transformer) -> jax.Array:
+    return model.apply({"params": params}, tokens)
 
 
 def _compute(cfg: ModelConfig, dtype: str) -> ModelConfig:
     # The per-layer layout (what import and `load_params(scan_layers=False)` give) and the check's compute dtype.
-    return dataclasses.replace(cfg, scan_layers=False, dtype=dtype, remat="none")
+    return dataclasses.replace(per_layer(cfg), dtype=dtype, remat="none")
 
 
 def lmadapt_from_hf(directory: str, dtype: str = "float32") -> LmadaptSide:

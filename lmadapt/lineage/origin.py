@@ -30,38 +30,12 @@ PUBLISHED_FILE = "published_version.txt"
 class Origin:
     """The resolved start of a run."""
 
-    cfg: Config  # with the architecture of the version it starts from (and replay sources from its record)
+    cfg: Config  # with the architecture of the version it starts from
     tokenizer: Tokenizer | None
     parents: list[str]
     load_params: Callable[[Any], Any] | None  # target ShapeDtypeStructs (with shardings) -> params
     description: str
     lineage: Lineage | None = None
-    teacher_cfg: ModelConfig | None = None
-
-    def load_ref(self, params: Any, targets: dict[str, Any]) -> dict[str, Any]:
-        """The strategy's constants: anchor (the start params), the parent's Fisher, the teacher's params."""
-        ref: dict[str, Any] = {}
-        c = self.cfg.continual
-        for key, target in targets.items():
-            if key == "anchor":
-                ref[key] = params
-            elif key == "fisher":
-                assert self.lineage is not None and self.parents
-                try:
-                    fisher = self.lineage.load_artifact(self.parents[0], "fisher", target)
-                except LineageError as e:
-                    raise ConfigError(f"continual.ewc: {e}; publish the parent with continual.fisher.compute=true"
-                                      ) from None
-                ref[key] = fisher
-            elif key == "teacher":
-                if c.distill.teacher == "parent":
-                    ref[key] = params
-                else:
-                    assert self.lineage is not None
-                    ref[key] = load_version_params(self.lineage, c.distill.teacher, target,
-                                                   self.teacher_cfg.scan_layers,
-                                                   self.lineage.model_config(c.distill.teacher).param_dtype)
-        return ref
 
     def load_opt_state(self, target: Any) -> Any:
         """The parent's optimizer state (optimizer.carry_state)."""
@@ -104,19 +78,16 @@ def resolve_origin(cfg: Config, *, write: bool = True) -> Origin:
         _check_seq_len(cfg, model, f"version {vid!r}")
         _check_named_tokenizer(cfg, tokenizer, f"version {vid!r}")
         cfg = dataclasses.replace(cfg, model=model)
-        if cfg.data.replay.from_lineage:
-            cfg = _with_lineage_replay(cfg, lineage.record(vid))
 
         stored = lineage.model_config(vid).param_dtype
 
         def load(target: Any) -> Any:
             return load_version_params(lineage, vid, target, model.scan_layers, stored)
 
-        return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}", lineage,
-                      _teacher_cfg(cfg, lineage))
+        return Origin(cfg, tokenizer, [vid], load, f"version {vid!r} of {lineage.directory}", lineage)
     if cfg.init.from_hf:
         return _origin_from_hf(cfg, lineage, write)
-    return Origin(cfg, None, [], None, "fresh initialisation", lineage, _teacher_cfg(cfg, lineage))
+    return Origin(cfg, None, [], None, "fresh initialisation", lineage)
 
 
 def _origin_from_hf(cfg: Config, lineage: Lineage | None, write: bool) -> Origin:
@@ -144,8 +115,7 @@ def _origin_from_hf(cfg: Config, lineage: Lineage | None, write: bool) -> Origin
         except (HFError, OSError) as e:
             raise ConfigError(f"init.from_hf: {e}") from None
 
-    return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {hf_dir}", lineage,
-                  _teacher_cfg(cfg, lineage))
+    return Origin(cfg, tokenizer, parents, load_hf, f"Hugging Face weights in {hf_dir}", lineage)
 
 
 def _hf_tokenizers(cfg: Config, ckpt: Any) -> tuple[Tokenizer | None, Tokenizer]:
@@ -189,39 +159,6 @@ def _check_seq_len(cfg: Config, model: ModelConfig, what: str) -> None:
     if cfg.train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} is over the maximum of {what} "
                           f"(max_seq_len={model.max_seq_len}); set train.seq_len<={model.max_seq_len}")
-
-
-def _teacher_cfg(cfg: Config, lineage: Lineage | None) -> ModelConfig | None:
-    """The distillation teacher's architecture: the model's own (parent), or another version's."""
-    d = cfg.continual.distill
-    if not d.weight:
-        return None
-    if d.teacher == "parent":
-        return cfg.model
-    if lineage is None:
-        raise ConfigError("continual.distill.teacher names a version, so lineage.dir must be set")
-    try:
-        return adopt_architecture(cfg.model, lineage.model_config(d.teacher))
-    except LineageError as e:
-        raise ConfigError(f"continual.distill.teacher: {e}") from None
-
-
-def _with_lineage_replay(cfg: Config, parent: dict[str, Any]) -> Config:
-    """Add the parent's training sources (and its own replay sources) to this run's replay sources."""
-    from lmadapt.config import SourceConfig, section_from_dict
-
-    data = parent.get("config", {}).get("data", {})
-    have = {s.name for s in cfg.data.sources} | {s.name for s in cfg.data.replay.sources}
-    extra = []
-    for raw in [*data.get("sources", []), *data.get("replay", {}).get("sources", [])]:
-        if raw["name"] not in have:
-            extra.append(section_from_dict(SourceConfig, raw, f"version {parent['id']}", "data.sources."))
-            have.add(raw["name"])
-    if not extra and not cfg.data.replay.sources:
-        raise ConfigError(f"data.replay.from_lineage: version {parent['id']!r} records no data sources that this "
-                          f"run does not already train on")
-    replay = dataclasses.replace(cfg.data.replay, sources=[*cfg.data.replay.sources, *extra])
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, replay=replay))
 
 
 def import_root(lineage: Lineage, hf_dir: str, params: Any, model: ModelConfig, tokenizer: Tokenizer,

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import ROOT
+from helpers import ISSUE_EXAMPLE, PIECES, ROOT
 from lmadapt.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
@@ -28,13 +28,6 @@ from lmadapt.data.tokenizers import (
 )
 from lmadapt.eval.scoring import token_bytes
 
-ISSUE_EXAMPLE = "def f(x):\n    return x  +  1\n\nprint(f(2))"
-# Pieces that trip normalising tokenizers: code, whitespace runs, tabs, CRLF, emoji (with ZWJ), CJK,
-# combining marks, odd spaces, compatibility characters, and strings that look like tokens.
-PIECES = ["def ", "f(x):", "\n", "\n\n", "    ", "\t", "\t\t", "\r\n", "\r", "  ", " ", "return", " x", "  +  ", "1",
-          "\U0001F600", "\U0001F469\u200d\U0001F467", "\u6f22\u5b57", "\u304b\u306a", "e\u0301", "n\u0303\u0323",
-          "\u00a0", "\u3000", "\ufb01", "\uff21", "\u2126", "<s>", "</s>", "<pad>", "<unk>", "<0x0A>", "\u0120",
-          "\u010a", "\u2581", "\x00", "\x7f", "\ufeff", "'s", "1234567"]
 CODE_LIKE = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=120)  # no lone surrogates: not UTF-8
 WHITESPACE = st.text(st.sampled_from(" \t\r\n\x0b\x0c\u00a0\u2003\u3000"), max_size=40)

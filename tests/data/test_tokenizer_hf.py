@@ -12,9 +12,8 @@ import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tokenizer import ISSUE_EXAMPLE, PIECES
 
-from helpers import ROOT
+from helpers import ISSUE_EXAMPLE, PIECES, ROOT
 from lmadapt.config import TokenizerConfig
 from lmadapt.data.pipeline import resolve_tokenizer
 from lmadapt.data.tokenizers import (
