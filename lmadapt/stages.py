@@ -38,7 +38,7 @@ def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = pri
     for stage in top.stages:
         cfg = load_config(path, [*stage.overrides, *overrides, f"version.id={stage.name}",
                                  f"run.dir={os.path.join(run_root, stage.name)}"])
-        cfg = dataclasses.replace(cfg, stages=[])
+        cfg = dataclasses.replace(cfg, stages=())
         log(f"== stage {stage.name}: {', '.join(s.name for s in cfg.data.sources)}"
             + (f" + {cfg.data.replay.fraction:.0%} replay" if cfg.data.replay.fraction else ""))
         if train(cfg, log=log, stop=stop)["interrupted"]:

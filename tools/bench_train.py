@@ -17,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -95,6 +96,36 @@ def peak_memory_bytes() -> tuple[str, float]:
     return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
+def time_steps(session: Any, steps: int) -> dict[str, Any]:
+    """Compile the train step, then time `steps` train steps and `steps` forward-only (eval) steps."""
+    with session.activate():
+        state = session.init_fn(jax.random.PRNGKey(0))
+        batch = session.batch(0)
+        t = time.perf_counter()
+        compiled = session.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for step in range(1, steps + 1):
+            batch = session.batch(step)
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+        # Forward-only scoring (what eval.py runs) on the same batches.
+        eval_compiled = session.eval_fn.lower(state.params, batch).compile()
+        jax.block_until_ready(eval_compiled(state.params, batch))
+        eval_times = []
+        for step in range(1, steps + 1):
+            batch = session.batch(step)
+            t = time.perf_counter()
+            jax.block_until_ready(eval_compiled(state.params, batch))
+            eval_times.append(time.perf_counter() - t)
+    return {"state": state, "metrics": metrics, "compiled": compiled, "compile_s": compile_s, "times": times,
+            "eval_times": eval_times}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -107,31 +138,14 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m = cfg.model
-    with session.activate():
-        state = session.init_fn(jax.random.PRNGKey(0))
-        batch = session.batch(0)
-        t = time.perf_counter()
-        compiled = session.step_fn.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for step in range(1, args.steps + 1):
-            batch = session.batch(step)
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t)
-        # Forward-only scoring (what eval.py runs) on the same batches.
-        eval_compiled = session.eval_fn.lower(state.params, batch).compile()
-        jax.block_until_ready(eval_compiled(state.params, batch))
-        eval_times = []
-        for step in range(1, args.steps + 1):
-            batch = session.batch(step)
-            t = time.perf_counter()
-            jax.block_until_ready(eval_compiled(state.params, batch))
-            eval_times.append(time.perf_counter() - t)
+    run = time_steps(session, args.steps)
+    report(cfg, session, run)
+    return 0
+
+
+def report(cfg: Any, session: Any, run: dict[str, Any]) -> None:
+    """Print the measurements of `time_steps`, the memory plan and the input pipeline's speed."""
+    m, state, times = cfg.model, run["state"], run["times"]
     n_params = count_params(state.params)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     med = statistics.median(times)
@@ -149,7 +163,7 @@ def main() -> int:
           f"remat={m.remat} attention={m.attention}")
     print(f"batch {cfg.train.batch_size} x seq {cfg.train.seq_len} = {tokens} tokens/step, "
           f"mesh {dict(session.mesh.shape)}")
-    print(f"compile time:        {compile_s:.2f} s")
+    print(f"compile time:        {run['compile_s']:.2f} s")
     print(f"step time:           median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} "
           f"({len(times)} steps)")
     print(f"tokens/s:            {tok_s:,.0f}")
@@ -159,14 +173,14 @@ def main() -> int:
     if peak16:
         print(f"matmul peak bf16:    {peak16 / 1e9:,.1f} GFLOP/s  -> MFU {achieved / peak16:.1%}")
     print(f"{mem_kind + ':':<20} {mem / 2**30:.2f} GiB ({mem / n_params:.1f} bytes/param)")
-    plan = compiled_memory(compiled)
+    plan = compiled_memory(run['compiled'])
     if plan:
         print(f"compiled step memory: {plan['total'] / 2**30:.2f} GiB = {plan['total'] / n_params:.1f} bytes/param "
               f"(state {plan['arguments'] / 2**30:.2f} GiB, temporaries {plan['temp'] / 2**30:.2f} GiB: "
               f"gradients + activations)")
-    eval_tok_s = tokens / statistics.median(eval_times)
+    eval_tok_s = tokens / statistics.median(run['eval_times'])
     print(f"eval tokens/s:       {eval_tok_s:,.0f} (forward only) = {eval_tok_s / tok_s:.2f}x training")
-    print(f"final loss:          {float(np.asarray(metrics['loss'])):.4f}")
+    print(f"final loss:          {float(np.asarray(run['metrics']['loss'])):.4f}")
     pipe = bench_pipeline(cfg)
     cold_tok_s = pipe["source_tokens"] / pipe["cold_build_s"]
     print(f"input pipeline:      cold {pipe['cold_build_s']:.2f} s ({cold_tok_s:,.0f} tokens/s read+tokenize+pack)"
@@ -174,7 +188,6 @@ def main() -> int:
           f"({pipe['source_tokens'] / pipe['warm_build_s']:,.0f} tokens/s)")
     print(f"batch assembly:      {pipe['batch_tokens_per_s']:,.0f} tokens/s = "
           f"{pipe['batch_tokens_per_s'] / tok_s:,.0f}x what the train step consumes")
-    return 0
 
 
 if __name__ == "__main__":

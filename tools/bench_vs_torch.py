@@ -135,7 +135,7 @@ def child(args) -> int:
     return 0
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--layers", type=int, default=6)
@@ -150,24 +150,26 @@ def main() -> int:
     p.add_argument("--malloc", choices=["both", "system", "fast"], default="both")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        return child(args)
+    return p.parse_args()
 
-    import jax.numpy as jnp
 
+def malloc_envs(choice: str) -> tuple[list[str], dict[str, dict[str, str] | None]]:
+    """(the mallocs to run under, their environments): glibc's, and tcmalloc/jemalloc when installed."""
     from lmadapt.allocator import find_library, preload_env
-    from tools.bench_train import flops_per_token, matmul_peak  # the same formulas as bench_train
 
     library = find_library("")
-    mallocs = {"system": ["system"], "fast": ["fast"], "both": ["system", "fast"]}[args.malloc]
+    mallocs = {"system": ["system"], "fast": ["fast"], "both": ["system", "fast"]}[choice]
     if "fast" in mallocs and library is None:
         print("no tcmalloc/jemalloc installed (apt install libtcmalloc-minimal4): glibc malloc only", file=sys.stderr)
         mallocs = ["system"]
     system_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     system_env["LMADAPT_MALLOC"] = "system"
-    envs = {"system": system_env, "fast": preload_env(library, system_env) if library else None}
+    return mallocs, {"system": system_env, "fast": preload_env(library, system_env) if library else None}
 
+
+def run_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant under every malloc, `rounds` times interleaved, each in its own process."""
+    mallocs, envs = malloc_envs(args.malloc)
     with tempfile.TemporaryDirectory() as directory:
         prepare(args, directory)
         variants = [(v, m) for v in args.variants.split(",") for m in mallocs]
@@ -188,9 +190,16 @@ def main() -> int:
                 # Progress as it goes: a long run cut short still leaves its measurements.
                 print(f"  {name}: median step {statistics.median(steady) * 1e3:.1f} ms "
                       f"({args.batch * args.seq / statistics.median(steady):,.0f} tokens/s)", flush=True)
+    return runs
+
+
+def print_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    """Tokens/s, step times, MFU, first step and RSS per variant, and ratios to the best torch variant."""
     import jax
+    import jax.numpy as jnp
 
     from lmadapt.model import count_params, init_params
+    from tools.bench_train import flops_per_token, matmul_peak  # the same formulas as bench_train
 
     cfg = model_config(args)
     n_params = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
@@ -222,6 +231,13 @@ def main() -> int:
         print(f"{v:<26} {r['tok_s']:>9,.0f} {r['median_ms']:>10.1f} {r['min_ms']:>7.1f}-{r['max_ms']:<7.1f} "
               f"{r['mfu']:>6.1%} {r['first_step_s']:>10.2f} {r['rss_gib']:>8.2f} {r['tok_s'] / same:>22.2f}x "
               f"{r['tok_s'] / best_torch(None):>10.2f}x")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        return child(args)
+    print_table(args, run_variants(args))
     return 0
 
 

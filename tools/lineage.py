@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmadapt.lineage.records import read_json_object  # noqa: E402
 from lmadapt.lineage.store import Lineage, LineageError, check_version_id  # noqa: E402
+from lmadapt.model import per_layer  # noqa: E402
 
 
 def cmd_list(lineage: Lineage, args: argparse.Namespace) -> int:
@@ -205,7 +205,7 @@ def cmd_export(lineage: Lineage, args: argparse.Namespace) -> int:
         # A LoRA version's adapters are converted before anything is written, then go to OUT/adapter.
         adapter, note = version_adapter(lineage, args.id, args.peft_base)
         # Params were loaded in the unstacked layout, whatever the version was trained with.
-        hf.export_hf(args.out, params, dataclasses.replace(model, scan_layers=False),
+        hf.export_hf(args.out, params, per_layer(model),
                      tokenizer=lineage.tokenizer(args.id), dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
         if adapter is not None:
             note = f"wrote {adapter.write(os.path.join(args.out, 'adapter'))}: {note}"

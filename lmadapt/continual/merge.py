@@ -15,7 +15,6 @@ version whose parents are the sources (`tools/lineage.py merge / interpolate`).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -146,9 +145,10 @@ def _publish_average(lineage: Lineage, sources: list[str], weights: list[float] 
                      method: str, note: str) -> str:
     """The merge of `sources`, recorded as strategy {"kind": "merge", "method": method, ...}; returns the note."""
     from lmadapt.lineage.store import LineageError
+    from lmadapt.model import per_layer
 
-    # Compare and publish in the unstacked layout: how each source was trained (scanned or not) does not matter.
-    models = [dataclasses.replace(lineage.model_config(v), scan_layers=False) for v in sources]
+    # Compare and publish in the per-layer layout: how each source was trained (scanned or not) does not matter.
+    models = [per_layer(lineage.model_config(v)) for v in sources]
     if any(m != models[0] for m in models):
         raise LineageError(f"versions {sources} have different architectures and cannot be merged")
     trees = [lineage.load_params(v, scan_layers=False) for v in sources]

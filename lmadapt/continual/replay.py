@@ -61,5 +61,5 @@ def with_lineage_replay(cfg: Config, parent: dict[str, Any]) -> Config:
     if not extra and not cfg.data.replay.sources:
         raise ConfigError(f"data.replay.from_lineage: version {parent['id']!r} records no data sources that this "
                           f"run does not already train on")
-    replay = dataclasses.replace(cfg.data.replay, sources=[*cfg.data.replay.sources, *extra])
+    replay = dataclasses.replace(cfg.data.replay, sources=(*cfg.data.replay.sources, *extra))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, replay=replay))

@@ -3,14 +3,12 @@ what a version writes."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
 from lmadapt.generate import generate
 from lmadapt.lineage.store import Lineage
-from lmadapt.model import Transformer
+from lmadapt.model import Transformer, per_layer
 
 
 def sample(lineage: Lineage, version: str, prompt: str, max_new_tokens: int) -> str:
@@ -19,7 +17,7 @@ def sample(lineage: Lineage, version: str, prompt: str, max_new_tokens: int) -> 
     from the left so that prompt and continuation fit the model's `max_seq_len`."""
     tokenizer = lineage.tokenizer(version)
     # Model and params both in the per-layer layout, whichever layout the version was trained in.
-    model = Transformer(dataclasses.replace(lineage.model_config(version), scan_layers=False))
+    model = Transformer(per_layer(lineage.model_config(version)))
     params = lineage.load_params(version, scan_layers=False)
     head = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
     ids = head + tokenizer.encode([prompt])[0]

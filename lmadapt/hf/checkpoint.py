@@ -54,7 +54,9 @@ def check_tensors(found: Mapping[str, tuple[tuple[int, ...], str]], rules: list[
         raise HFError(f"missing tensor(s) {', '.join(missing[:5])}{more}")
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
-        raise HFError(f"unexpected tensor(s) {', '.join(unexpected[:5])} for a {family} model; not converted")
+        # Names come from the file: one with a line break or control character is shown quoted, on one line.
+        shown = [n if n.isprintable() else repr(n) for n in unexpected[:5]]
+        raise HFError(f"unexpected tensor(s) {', '.join(shown)} for a {family} model; not converted")
     for name, shape in expected.items():
         if tuple(found[name][0]) != shape:
             raise HFError(f"tensor {name}: shape {tuple(found[name][0])}, expected {shape} from config.json")
