@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             # The directory given, wherever the run was when it wrote its config (it may have been moved).
             cfg = load_config(os.path.join(args.run, "config.yaml"), [f"run.dir={args.run}", *args.overrides])
-            from lmadapt.eval.runs import evaluate_run  # after the config: a bad one is refused without the model
+            from lmadapt.run.scoring import evaluate_run  # after the config: a bad one is refused without the model
 
             print(json.dumps(evaluate_run(cfg, args.step)))
             return 0

@@ -35,13 +35,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+import lmadapt.lineage.metrics as lineage_metrics
+import lmadapt.lineage.publish as lineage_publish
+import lmadapt.lineage.records as lineage_records
 from lmadapt.checkpoint import check_tree_matches
 from lmadapt.config import ModelConfig, section_from_dict
 from lmadapt.data.tokenizers import Tokenizer, load_tokenizer
 from lmadapt.files import locks, manifest, paths
-from lmadapt.lineage import metrics as lineage_metrics
-from lmadapt.lineage import publish as lineage_publish
-from lmadapt.lineage import records as lineage_records
 from lmadapt.lineage.records import VERSION_ID, LineageError, check_version_id
 from lmadapt.model import stack_layers, unstack_layers
 

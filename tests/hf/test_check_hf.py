@@ -22,7 +22,7 @@ from lmadapt.hf.logit_check import CheckReport, check_hf, check_sides  # noqa: E
 from lmadapt.lineage.store import Lineage  # noqa: E402
 from lmadapt.model import init_params  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SMALL = dict(d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=80, max_seq_len=64, init_std=0.2)
 # Each family with the options its real checkpoints use, dimensions shrunk; the 16-token prompt plus 20 generated
 # tokens run past gemma2's 8-token window.

@@ -266,7 +266,7 @@ def test_update_of_a_bfloat16_import_trains_in_the_runs_param_dtype(tmp_path):
     host = ckpt.load()
     import_root(Lineage(str(tmp_path / "lin")), str(tmp_path / "bf16"), host, ckpt.config, ByteTokenizer(),
                 version_id="base")
-    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+    tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml")
     mesh, rules = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), MeshConfig().rules
     for scan in (False, True):
         cfg = load_config(tiny, [f"lineage.dir={tmp_path / 'lin'}", "init.from_version=base", "train.seq_len=32",

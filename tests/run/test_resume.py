@@ -143,7 +143,7 @@ def test_a_second_job_on_a_run_dir_is_refused_naming_the_holder(run, data_cache)
     with locks.exclusive(os.path.join(run, RUN_LOCK), "test"):
         line = refused(run, data_cache, 2, needles=(f"run.dir {run} is in use by pid {os.getpid()}",
                                                    f"lock {run}/{RUN_LOCK}"))
-    assert "another directory" in line  # (release with the holder's death: tests/test_locks.py)
+    assert "another directory" in line  # (release with the holder's death: tests/run/test_locks.py)
 
 
 def test_eval_run_reads_without_writing(run, data_cache):
