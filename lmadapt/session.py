@@ -42,7 +42,7 @@ class Session:
     abstract_state: Any  # ShapeDtypeStructs carrying the target shardings (for init and restore)
     batch_sharding: jax.sharding.NamedSharding
     local_rows: slice
-    init_fn: Callable[[jax.Array], TrainState]
+    init_fn: Callable[..., TrainState]  # (rng[, ref=]): a fresh state (ref: the strategy's constants, if any)
     init_from_fn: Callable[..., TrainState]  # (start params, ref, rng[, opt_state]): start from a version
     step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_fn: Callable[[Any, dict], tuple[jax.Array, jax.Array]]

@@ -72,15 +72,17 @@ class Objective:
 
 
 def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-               *, boxed: bool = False) -> TrainState:
-    """A fresh state. With `boxed=True` the params keep their `nn.Partitioned` logical names, which is
-    what `jax.eval_shape` callers want for deriving shardings (the optimizer moments inherit them)."""
+               *, boxed: bool = False, ref: Any = None) -> TrainState:
+    """A fresh state, with the strategy's constants `ref` (a fresh student's teacher). With `boxed=True` the
+    params keep their `nn.Partitioned` logical names, which is what `jax.eval_shape` callers want for deriving
+    shardings (the optimizer moments inherit them)."""
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(init_rng, dummy)["params"]
     if not boxed:
         params = nn.unbox(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                      ref={} if ref is None else ref)
 
 
 def start_state(params: Any, ref: Any, rng: jax.Array, *, strategy: Strategy, tx: optax.GradientTransformation,

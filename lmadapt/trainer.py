@@ -158,8 +158,9 @@ def _first_state(cfg: Config, session: Session, origin: Origin, ckpt: Checkpoint
         state = session.init_from_fn(params, ref, jax.random.PRNGKey(cfg.run.seed), opt_state=opt_state)
         kind = strategy.describe(cfg, list(session.groups.table))["kind"]
         log(f"starting from {origin.description} (strategy: {kind})")
-    else:
-        state = session.init_fn(jax.random.PRNGKey(cfg.run.seed))
+    else:  # fresh; a student distilled from another version still needs its teacher
+        ref = session.strategy.load_ref(origin, None, session.abstract_state.ref)
+        state = session.init_fn(jax.random.PRNGKey(cfg.run.seed), ref=ref)
     if jax.process_index() == 0:
         log(f"devices={jax.device_count()} processes={jax.process_count()} mesh={dict(session.mesh.shape)} "
             f"params={count_params(state.params):,} steps {int(state.step)}->{cfg.train.steps}")

@@ -516,7 +516,7 @@ def test_hf_missing_extra_or_misshapen_tensor_is_named(scratch, hf_dir, change, 
                          label="extra")
         assume(name not in state and not BUFFERS.match(name))
         state[name] = np.zeros(data.draw(st.sampled_from([(3,), (2, 2), ()])), np.float32)
-        needle = "unexpected tensor(s) " + name
+        needle = "unexpected tensor(s) " + (name if name.isprintable() else repr(name))  # '\x85' is a line break
     else:
         name = data.draw(st.sampled_from(sorted(state)), label="reshaped")
         shape = list(state[name].shape)

@@ -5,12 +5,12 @@ sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it. `schema.py
 `loading.py` the YAML and overrides, `validation.py` the cross-field checks.
 """
 
+from lmadapt.config.base import ConfigError
 from lmadapt.config.loading import config_to_dict, load_config, section_from_dict
 from lmadapt.config.schema import (
     DEFAULT_RULES,
     CheckpointConfig,
     Config,
-    ConfigError,
     ContinualConfig,
     DataConfig,
     DistillConfig,

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from lmadapt.config.schema import Config, ConfigError, as_tuples
+from lmadapt.config.base import ConfigError, as_tuples
+from lmadapt.config.schema import Config
 from lmadapt.config.validation import validate
 from lmadapt.files.paths import file_problem, open_regular
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, ConfigError, MeshConfig, ModelConfig, as_lists
+from lmadapt.config.base import ConfigError, as_lists
+from lmadapt.config.schema import _NAME_RE, _VERSION_RE, Config, MeshConfig, ModelConfig
 from lmadapt.families import family
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """End to end: a base version on one domain, then an update on another with each strategy."""
 
+import json
 import os
 
 import jax
@@ -77,3 +78,23 @@ def test_update_on_a_new_domain(lineage_dir, data_cache, name):
         assert kind == "lora" and rec["artifacts"] == ["lora"]
         assert rec["strategy"]["trainable_params"] < rec["strategy"]["frozen_params"] / 10
     assert lineage.verify(vid) == []
+
+
+def test_a_smaller_model_distils_from_a_version(lineage_dir, data_cache):
+    """A fresh, smaller student (no init) learns from version v0 as its teacher: the teacher is loaded, the KL
+    is reported and the record names the teacher's architecture."""
+    cfg = load_config(TINY, [f"run.dir={lineage_dir / 'student'}", f"lineage.dir={lineage_dir / 'lineage'}",
+                             "version.id=student", "train.steps=2", "mesh.data=1", "logging.progress=false",
+                             "eval.every=0", "checkpoint.every=0", "logging.every=1", "model.d_model=32",
+                             "model.d_ff=64", "continual.distill.weight=0.5", "continual.distill.teacher=v0",
+                             "continual.distill.data_weight=0.5", f"data.sources.0.path={SHAKESPEARE}",
+                             f"data.cache_dir={data_cache}"])
+    assert train(cfg, log=lambda s: None, devices=jax.devices()[:1])["version"] == "student"
+    lineage = Lineage(str(lineage_dir / "lineage"))
+    rec = lineage.record("student")
+    assert rec["parents"] == [] and rec["strategy"]["kind"] == "distill"
+    assert rec["strategy"]["distill"]["teacher_model"]["d_model"] == lineage.model_config("v0").d_model == 64
+    with open(lineage_dir / "student" / "metrics.jsonl", encoding="utf-8") as f:
+        kls = [r["train/kl"] for r in map(json.loads, f) if "train/kl" in r]
+    # A random student and a trained teacher disagree: the KL is positive, and finite.
+    assert len(kls) == 2 and all(0 < k < 100 for k in kls)
