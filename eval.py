@@ -4,6 +4,8 @@
         [--datasets books,python_docs] [--out DIR] [--plot] [--prompt "Once upon" ...] [key.sub=value ...]
     python eval.py --hf HF_DIR --config configs/X.yaml ...      # a Hugging Face directory (imported on the fly)
     python eval.py --run runs/tiny [--step N]                    # held-out loss of a run's checkpoint
+    python eval.py --lineage L --config C --tasks configs/eval/tasks.yaml   # + multiple-choice / generation tasks
+    python eval.py --lineage L --harness arc_easy,hellaswag [--harness-include DIR]   # lm-evaluation-harness tasks
 
 Datasets are the `data.sources` (and replay sources) of the config, scored on their held-out splits
 (the same `data.val_fraction` and `data.seed` as training): loss, perplexity, bits per byte and
@@ -41,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", default=[], help="generate a continuation of this text")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-examples", type=int, default=200, help="classification examples per dataset")
+    parser.add_argument("--tasks", default=None, metavar="SUITE.yaml",
+                        help="capability tasks (multiple choice, generation) to score besides the config's eval.tasks, "
+                             "e.g. configs/eval/tasks.yaml")
+    parser.add_argument("--harness", default=None, metavar="TASKS",
+                        help="lm-evaluation-harness tasks (comma-separated) to run on each version (pip install -e "
+                             "'.[eval]'); --harness-include DIR adds a folder of task YAMLs")
+    parser.add_argument("--harness-include", default=None, metavar="DIR")
+    parser.add_argument("--harness-limit", type=int, default=None, metavar="N", help="examples per harness task")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.batches=8")
     args = parser.parse_args(argv)
 
@@ -64,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not (args.lineage or args.hf):
             parser.error("give --run, --lineage or --hf")
+        if args.harness:
+            from lmadapt.eval.harness import HarnessError  # only here: it imports JAX
+
+            try:
+                return harness_cli(args)
+            except HarnessError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         if not args.config:
             parser.error("give --config: its data sources (of every stage) are the datasets")
         return evaluate_versions_cli(args, load_config(args.config, args.overrides, models_from_versions=True))
@@ -85,9 +103,12 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg: Config) -> int:
         targets = hf_targets(args.hf, args.lineage, args.out)
     else:
         targets = lineage_targets(args.lineage, args.out, versions=_names(args.versions), ancestry=args.ancestry)
+    from lmadapt.eval.task_report import read_suite
+
+    tasks = read_suite(args.tasks) if args.tasks else ()
     datasets = pick_datasets(all_sources(args.config, args.overrides), _names(args.datasets))
     paths, cls = evaluate_targets(targets, datasets, cfg, recompute=args.recompute, max_examples=args.max_examples,
-                                  plot=args.plot, progress=sys.stderr.isatty())
+                                  plot=args.plot, progress=sys.stderr.isatty(), tasks=tasks)
     with open(paths["markdown"], encoding="utf-8") as f:
         print(f.read().rstrip())
     for c in cls:
@@ -98,6 +119,31 @@ def evaluate_versions_cli(args: argparse.Namespace, cfg: Config) -> int:
         for v in targets.versions:
             print(f"[{v}] {prompt!r} -> {sample(targets.lineage, v, prompt, args.max_new_tokens)!r}")
     print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def harness_cli(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks on each version of --lineage, printed as JSON, kept in each version's metrics
+    under harness:<task> (stamped with the params hash) and written to --out/harness.json."""
+    from lmadapt.config import ConfigError
+    from lmadapt.eval.harness import run_harness
+    from lmadapt.eval.targets import lineage_targets
+
+    if args.hf:
+        raise ConfigError("--harness runs on lineage versions: import the Hugging Face directory first "
+                          "(tools/lineage.py import-hf) and pass --lineage")
+    targets = lineage_targets(args.lineage, args.out, versions=_names(args.versions), ancestry=args.ancestry)
+    results = {}
+    for vid in targets.versions:
+        results[vid] = run_harness(args.lineage, vid, _names(args.harness), include_path=args.harness_include,
+                                   limit=args.harness_limit)
+        stamp = {"params_hash": targets.lineage.record(vid)["params_hash"], "limit": args.harness_limit}
+        for task, values in results[vid].items():
+            targets.lineage.add_metrics(vid, f"harness:{task}", {**values, **stamp})
+    os.makedirs(targets.out_dir, exist_ok=True)
+    with open(os.path.join(targets.out_dir, "harness.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1))
     return 0
 
 

@@ -56,12 +56,27 @@ def _run(args: argparse.Namespace, stop) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError) as e:
+        _settle()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. the disk filled up while writing logs: the message names the file
+        _settle()
         print(f"error: {e}; completed checkpoints are intact", file=sys.stderr)
         return 1
     return 0
+
+
+def _settle(seconds: float = 3.0) -> None:
+    """Let worker threads still unwinding a failed save finish first: Orbax's print tracebacks as they end, and
+    one printed while the error line is written splices into it (seen under load when the disk filled up)."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + seconds
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and t.is_alive():
+            t.join(max(0.0, deadline - time.monotonic()))
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

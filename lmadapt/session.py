@@ -18,14 +18,16 @@ import numpy as np
 import optax
 
 from lmadapt import sharding
-from lmadapt.config import Config, ConfigError
+from lmadapt.config import Config, ConfigError, TaskConfig
 from lmadapt.continual.strategy import SELECTORS, Strategy
 from lmadapt.continual.strategy import build as build_strategy
 from lmadapt.data import DataError
 from lmadapt.data.pipeline import DataPipeline, build_pipeline
 from lmadapt.data.tokenizers import Tokenizer, TokenizerError, load_hf_directory_tokenizer
+from lmadapt.eval.task_report import TASK_METRICS, load_tasks, score_task
+from lmadapt.eval.tasks import Task
 from lmadapt.lineage.origin import Origin, resolve_origin
-from lmadapt.model import Transformer
+from lmadapt.model import Transformer, per_layer, unstack_layers
 from lmadapt.optim import GroupError, ParamGroups, make_optimizer, make_schedule, param_groups
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, start_state, train_step
 
@@ -50,6 +52,7 @@ class Session:
     objective: Objective
     groups: ParamGroups  # which optimizer group each parameter is in (its table is what --dry-run prints)
     tx: optax.GradientTransformation
+    tasks: list[tuple[TaskConfig, Task]] = dataclasses.field(default_factory=list)  # eval.tasks, read and checked
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -76,6 +79,19 @@ class Session:
             out[f"{name}/loss"] = s_sum / max(n_sum, 1.0)
             total, count = total + s_sum, count + n_sum
         out["loss"] = total / max(count, 1.0)
+        return {**out, **self.evaluate_tasks(params)} if self.tasks else out
+
+    def evaluate_tasks(self, params: Any) -> dict[str, float]:
+        """`eval.tasks` scores of the params being trained: tasks/<name>/<metric> (acc, acc_norm, acc_bytes for
+        multiple choice; exact_match, f1 for generation). Scored on the model's own function: LoRA adapters
+        merged, stacked layers unstacked into the per-layer layout the scorers compile for."""
+        theta = self.objective.effective_params(params)
+        if self.cfg.model.scan_layers:
+            theta = unstack_layers(theta)
+        out = {}
+        for cfg, task in self.tasks:
+            scores = score_task(theta, per_layer(self.cfg.model), self.data.tokenizer, cfg, task)
+            out.update({f"tasks/{task.name}/{k}": float(scores[k]) for k in TASK_METRICS[task.format]})
         return out
 
 
@@ -136,7 +152,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                    state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_sh,
                    local_rows=sharding.local_rows(batch_sh, cfg.train.batch_size),
                    init_fn=init_fn, init_from_fn=init_from_fn, step_fn=step_fn, eval_fn=eval_fn,
-                   strategy=strategy, objective=objective, groups=groups, tx=tx)
+                   strategy=strategy, objective=objective, groups=groups, tx=tx, tasks=load_tasks(cfg.eval.tasks))
 
 
 def _abstract_state(cfg: Config, model: Transformer, strategy: Strategy, schedule: optax.Schedule

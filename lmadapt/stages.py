@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from lmadapt.config import ConfigError, SourceConfig, load_config
+from lmadapt.config import Config, ConfigError, SourceConfig, load_config
 from lmadapt.lineage.store import Lineage
 
 
@@ -56,25 +56,44 @@ def run_stages(path: str, overrides: list[str], log: Callable[[str], None] = pri
                              batch_size=top.train.batch_size, max_batches=top.eval.batches,
                              val_fraction=top.data.val_fraction, seed=top.data.seed, cache_dir=top.data.cache_dir,
                              log=log)
+    task_rows = _task_rows(lineage, versions, top, log)
     out_dir = os.path.join(run_root, "report")
-    paths = write_report(rows, out_dir, plot=True, versions=versions, datasets=names)
+    paths = write_report(rows, out_dir, plot=True, versions=versions, datasets=names, tasks=task_rows)
     matrix = loss_matrix(rows, versions, names)
     log(change_table(matrix, versions, names))
     summary = continual_summary(matrix, versions, names, trained_on)
     if summary:
         log(summary)
+    if task_rows:
+        from lmadapt.eval.task_report import task_matrix
+
+        task_names = [t.name for t in top.eval.tasks]
+        log(change_table(task_matrix(task_rows, versions, task_names), versions, task_names, higher_is_better=True))
     log(f"report: {paths['markdown']}\nheatmap: {paths['heatmap']}")
     return {"versions": versions, "datasets": names, "loss": matrix, "paths": paths}
 
 
-def change_table(matrix: list[list[float]], versions: list[str], datasets: list[str]) -> str:
-    """Held-out loss per dataset for each version, and the change from the first to the last version."""
-    head = f"| dataset | {' | '.join(versions)} | change |"
+def _task_rows(lineage: Lineage, versions: list[str], top: Config, log: Callable[[str], None]) -> list[dict]:
+    """Every version on the config's capability tasks (`eval.tasks`), when it has any."""
+    if not top.eval.tasks:
+        return []
+    from lmadapt.eval.task_report import evaluate_tasks, load_tasks
+
+    log("== evaluation on the capability tasks (eval.tasks)")
+    return evaluate_tasks(lineage, versions, load_tasks(top.eval.tasks), log=log)
+
+
+def change_table(matrix: list[list[float]], versions: list[str], datasets: list[str],
+                 higher_is_better: bool = False) -> str:
+    """Held-out loss (or, `higher_is_better`, a task score) per column for each version, and the change from the
+    first to the last version."""
+    head = f"| {'task' if higher_is_better else 'dataset'} | {' | '.join(versions)} | change |"
     lines = [head, "|" + "---|" * (len(versions) + 2)]
     for j, d in enumerate(datasets):
         first, last = matrix[0][j], matrix[-1][j]
         change = last - first
-        verdict = "gained" if change < 0 else "forgot" if change > 0 else "same"
+        gain = change if higher_is_better else -change
+        verdict = "gained" if gain > 0 else "forgot" if gain < 0 else "same"
         cells = " | ".join(f"{row[j]:.4f}" for row in matrix)
         lines.append(f"| {d} | {cells} | {change:+.4f} ({verdict}) |")
     return "\n".join(lines)

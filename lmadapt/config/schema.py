@@ -275,9 +275,25 @@ class CheckpointConfig(_Frozen):
 
 
 @dataclass(frozen=True)
+class TaskConfig(_Frozen):
+    """A capability task (lmadapt.eval.tasks): a local JSONL file of multiple-choice or generation examples."""
+
+    name: str = ""
+    path: str = ""
+    format: Literal["multiple_choice", "generate"] = "multiple_choice"
+    num_fewshot: int = 0
+    fewshot_path: str | None = None  # the task's train split for few-shot examples (None: the file itself)
+    seed: int = 1234  # which few-shot examples: the same prompts for every version
+    max_new_tokens: int = 32  # generate
+    stop: tuple[str, ...] = ("\n",)  # generate: the answer ends at the first of these
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
 class EvalConfig(_Frozen):
     every: int = 500  # steps; 0 disables
     batches: int = 4
+    tasks: tuple[TaskConfig, ...] = ()  # scored with the held-out loss every `every` steps, and by eval.py
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,15 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     need(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", cfg.checkpoint.keep_every, "an integer >= 0")
     need(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "an integer >= 0")
     need(cfg.eval.batches > 0, "eval.batches", cfg.eval.batches, "a positive integer")
+    names = [t.name for t in cfg.eval.tasks]
+    for i, t in enumerate(cfg.eval.tasks):
+        need(bool(_NAME_RE.fullmatch(t.name)) and names.count(t.name) == 1, f"eval.tasks.{i}.name", t.name,
+             "a unique name of letters, digits, '_', '-' or '.'")
+        need(bool(t.path), f"eval.tasks.{i}.path", t.path, "the task's JSONL file")
+        need(t.num_fewshot >= 0, f"eval.tasks.{i}.num_fewshot", t.num_fewshot, "an integer >= 0")
+        need(t.max_new_tokens > 0, f"eval.tasks.{i}.max_new_tokens", t.max_new_tokens, "a positive integer")
+        need(t.max_examples is None or t.max_examples > 0, f"eval.tasks.{i}.max_examples", t.max_examples,
+             "a positive integer or null")
     need(cfg.logging.every > 0, "logging.every", cfg.logging.every, "a positive integer")
     need(bool(cfg.run.dir), "run.dir", cfg.run.dir, "a directory path")
     for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):

@@ -15,9 +15,10 @@ from typing import Any
 
 from lmadapt.config import ConfigError, SourceConfig
 from lmadapt.data.sources import read_source
+from lmadapt.eval.cache import ResultCache
 from lmadapt.eval.scoring import classify, dataset_key, lm_scores
 from lmadapt.lineage import metrics as lineage_metrics
-from lmadapt.lineage.store import Lineage, LineageError
+from lmadapt.lineage.store import Lineage
 from lmadapt.model import per_layer
 
 LM_COLUMNS = ["version", "dataset", "loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"]
@@ -37,7 +38,7 @@ def evaluate_versions(lineage: Lineage, versions: Sequence[str], datasets: Seque
 
     rows: list[dict[str, Any]] = []
     keys: dict[tuple[str, str], str] = {}  # (dataset, tokenizer fingerprint) -> key: read each source once
-    cacher = _Cacher(lineage, warn, cache)
+    cacher = ResultCache(lineage, warn, cache)
     bar = tqdm(total=len(versions) * sum(s.format != "classification" for s in datasets), unit="eval",
                disable=not progress, leave=False)
     for vid in versions:
@@ -80,38 +81,6 @@ def _reusable(entry: Any, want: dict[str, Any]) -> bool:
             and isinstance(entry.get("dataset"), str))
 
 
-class _Cacher:
-    """Stores results in the lineage. A lineage that cannot be written (read-only, full, not ours) is said once
-    and not tried again; a damaged metrics file is left alone (its version is not cached; `Lineage.metrics`
-    warned about it when it was read)."""
-
-    def __init__(self, lineage: Lineage, warn: Callable[[str], None], enabled: bool) -> None:
-        self.lineage, self.warn, self.enabled = lineage, warn, enabled
-        self.skipped: set[str] = set()
-
-    def add(self, version: str, key: str, values: dict[str, Any]) -> None:
-        if not self.enabled or version in self.skipped:
-            return
-        why = lineage_metrics.unwritable(os.path.dirname(self.lineage.metrics_path(version)))
-        try:
-            if why:
-                raise LineageError(why)
-            lineage_metrics.read_entries(self.lineage.metrics_path(version))
-        except LineageError as e:
-            if why:
-                self.warn(f"results not cached in lineage {self.lineage.directory}: {e}; they are in the report "
-                          f"only")
-                self.enabled = False
-            else:  # lineage.metrics has said so, in one line
-                self.skipped.add(version)
-            return
-        try:
-            self.lineage.add_metrics(version, key, values)
-        except LineageError as e:  # the write itself failed (a full disk): nothing half-written is left
-            self.warn(f"results not cached in lineage {self.lineage.directory}: {e}; they are in the report only")
-            self.enabled = False
-
-
 def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Sequence[SourceConfig], *,
                         val_fraction: float, seed: int, max_examples: int) -> list[dict[str, Any]]:
     """Accuracy, macro precision/recall/F1 and the confusion matrix per (version, classification dataset)."""
@@ -132,19 +101,32 @@ def classification_rows(lineage: Lineage, versions: Sequence[str], datasets: Seq
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versions: Sequence[str],
-                 datasets: Sequence[str], classification: list[dict[str, Any]] | None = None) -> dict[str, str]:
-    """results.json / results.csv / results.md (+ heatmap.png, loss_by_version.png); returns their paths."""
+                 datasets: Sequence[str], classification: list[dict[str, Any]] | None = None,
+                 tasks: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """results.json / results.csv / results.md (+ heatmap.png, loss_by_version.png, and with tasks
+    task_heatmap.png, tasks_by_version.png); returns their paths."""
     from lmadapt.eval.classification import csv_text, markdown_table
+    from lmadapt.eval.task_report import TASK_COLUMNS, capability_summary, task_matrix
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
              "markdown": os.path.join(out_dir, "results.md")}
-    _write(paths["json"], json.dumps({"lm": rows, "classification": classification or []}, indent=1))
+    task_names = list(dict.fromkeys(r["task"] for r in tasks or []))
+    task_R = task_matrix(tasks or [], versions, task_names)
+    summary = capability_summary(task_R, versions, task_names) if task_names else None
+    _write(paths["json"], json.dumps({"lm": rows, "classification": classification or [], "tasks": tasks or [],
+                                      "task_matrix": {"versions": list(versions), "tasks": task_names,
+                                                      "R": task_R, "summary": summary}}, indent=1))
     _write(paths["csv"], csv_text(rows, LM_COLUMNS))
     md = markdown_table(rows, LM_COLUMNS)
     for c in classification or []:
         md += (f"\n\n{c['version']} on {c['dataset']}: accuracy {c['accuracy']:.4f}, macro F1 "
                f"{c['macro_f1']:.4f}")
+    if task_names:
+        md += "\n\nTasks (higher is better):\n\n" + markdown_table(tasks or [], TASK_COLUMNS)
+        md += "\n\n" + "\n".join(
+            f"{t}: {p['first']:.4f} -> {p['final']:.4f} ({p['change']:+.4f}; forgetting {p['forgetting']:+.4f})"
+            if p["change"] is not None else f"{t}: {p['final']:.4f}" for t, p in summary["tasks"].items())
     _write(paths["markdown"], md + "\n")
     if plot and rows:
         from lmadapt.eval.plots import heatmap, loss_across_versions
@@ -155,6 +137,14 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, *, plot: bool, versio
         paths["loss_by_version"] = loss_across_versions(
             {d: [_loss(rows, v, d) for v in versions] for d in datasets}, list(versions),
             os.path.join(out_dir, "loss_by_version.png"))
+    if plot and task_names:
+        from lmadapt.eval.plots import heatmap, loss_across_versions
+
+        paths["task_heatmap"] = heatmap(task_R, list(versions), task_names, os.path.join(out_dir, "task_heatmap.png"),
+                                        title="task score (row: version, column: task; higher is better)")
+        paths["tasks_by_version"] = loss_across_versions(
+            {t: [row[j] for row in task_R] for j, t in enumerate(task_names)}, list(versions),
+            os.path.join(out_dir, "tasks_by_version.png"), ylabel="task score (acc / exact match)")
     return paths
 
 

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from lmadapt.config import Config, ConfigError, SourceConfig
+from lmadapt.config import Config, ConfigError, SourceConfig, TaskConfig
 from lmadapt.eval.report import classification_rows, evaluate_versions, write_report
 from lmadapt.lineage.metrics import unwritable
 from lmadapt.lineage.store import Lineage
@@ -84,12 +84,13 @@ def pick_datasets(sources: Sequence[SourceConfig], names: Sequence[str] | None) 
 
 
 def evaluate_targets(targets: Targets, datasets: Sequence[SourceConfig], cfg: Config, *, recompute: bool = False,
-                     max_examples: int = 200, plot: bool = False, progress: bool = False
-                     ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+                     max_examples: int = 200, plot: bool = False, progress: bool = False,
+                     tasks: Sequence[TaskConfig] = ()) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Score every version on every dataset and write the report to `targets.out_dir`: language-model datasets
     on the held-out split of `cfg`'s `data.val_fraction` and `data.seed` (with its `train.seq_len`,
     `train.batch_size` and `eval.batches`; results cached in the lineage are reused unless `recompute`),
-    classification datasets on up to `max_examples` examples. Returns (the report's paths by kind, one
+    classification datasets on up to `max_examples` examples, capability `tasks` (and `cfg.eval.tasks`) on
+    their examples, cached in the lineage like the losses. Returns (the report's paths by kind, one
     classification result per (version, classification dataset))."""
     lineage, versions = targets.lineage, targets.versions
     rows = evaluate_versions(lineage, versions, datasets, seq_len=cfg.train.seq_len,
@@ -98,6 +99,10 @@ def evaluate_targets(targets: Targets, datasets: Sequence[SourceConfig], cfg: Co
                              recompute=recompute, progress=progress)
     cls = classification_rows(lineage, versions, datasets, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                               max_examples=max_examples)
+    from lmadapt.eval.task_report import evaluate_tasks, load_tasks
+
+    task_rows = evaluate_tasks(lineage, versions, load_tasks([*cfg.eval.tasks, *tasks]), recompute=recompute)
     lm_names = [d.name for d in datasets if d.format != "classification"]
-    paths = write_report(rows, targets.out_dir, plot=plot, versions=versions, datasets=lm_names, classification=cls)
+    paths = write_report(rows, targets.out_dir, plot=plot, versions=versions, datasets=lm_names, classification=cls,
+                         tasks=task_rows)
     return paths, cls
