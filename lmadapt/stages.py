@@ -80,7 +80,7 @@ def _task_rows(lineage: Lineage, versions: list[str], top: Config, log: Callable
     from lmadapt.eval.task_report import evaluate_tasks, load_tasks
 
     log("== evaluation on the capability tasks (eval.tasks)")
-    return evaluate_tasks(lineage, versions, load_tasks(top.eval.tasks), log=log)
+    return evaluate_tasks(lineage, versions, load_tasks(top.eval.tasks), log=log, quiet=True)  # said once
 
 
 def change_table(matrix: list[list[float]], versions: list[str], datasets: list[str],

@@ -156,7 +156,7 @@ def yaml_text(value: object) -> str:
         "\n...\n").rstrip("\n")
 
 
-@fuzz(300)
+@fuzz(120)
 @given(key=st.sampled_from(LEAVES), value=VALUES, via_file=st.booleans())
 def test_fuzzed_value_loads_or_names_its_key(scratch, key, value, via_file):
     with scratch() as d:
@@ -171,7 +171,7 @@ def test_fuzzed_value_loads_or_names_its_key(scratch, key, value, via_file):
             assert path in str(e) or "command line" in str(e) or "override" in str(e), str(e)
 
 
-@fuzz(100)
+@fuzz(40)
 @given(section=st.sampled_from(SECTIONS), name=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True)
        | st.text(min_size=1, max_size=8) | st.integers(), value=SCALARS)
 def test_unknown_keys_are_named(scratch, section, name, value):
@@ -193,7 +193,7 @@ def test_unknown_keys_are_named(scratch, section, name, value):
     assert_one_line(str(e.value), f"unknown key {prefix + str(name)!r}", path)
 
 
-@fuzz(100)
+@fuzz(40)
 @given(text=st.text(max_size=200) | st.binary(max_size=200))
 def test_fuzzed_yaml_file_loads_or_is_refused_in_one_line(scratch, text):
     with scratch() as d:
@@ -221,7 +221,7 @@ def test_malformed_yaml_files(tmp_path, blob, needle):
     refused(train.main, ["--config", path], [str(tmp_path)], path, needle)
 
 
-@fuzz(100)
+@fuzz(40)
 @given(item=st.text(max_size=40) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(LEAVES), st.text(max_size=20)))
 def test_fuzzed_override_loads_or_is_refused_in_one_line(item):
     try:
@@ -416,7 +416,7 @@ def _valid_id(vid: str) -> bool:
     return _ID.fullmatch(vid) is not None and ".." not in vid
 
 
-@fuzz(60)
+@fuzz(30)
 @given(vid=VERSION_IDS)
 def test_version_ids_check_and_config(scratch, vid):
     if _valid_id(vid):

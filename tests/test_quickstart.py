@@ -16,7 +16,9 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 def test_quickstart_publishes_two_versions_and_eval_agrees(tmp_path):
     run, lin, cache = tmp_path / "qs", tmp_path / "qs" / "lineage", tmp_path / "cache"
-    common = [f"lineage.dir={lin}", f"data.cache_dir={cache}", "eval.batches=2"]
+    # Ten examples per capability task keep the test short; the table must still show each task's change.
+    few = [f"eval.tasks.{i}.max_examples=10" for i in range(3)]
+    common = [f"lineage.dir={lin}", f"data.cache_dir={cache}", "eval.batches=2", *few]
     result = run_cmd(["train.py", "train.steps=4", f"run.dir={run}", "logging.progress=false", *common],
                      env=ONE_DEVICE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -25,6 +27,7 @@ def test_quickstart_publishes_two_versions_and_eval_agrees(tmp_path):
     rec = lineage.record("update")
     assert rec["strategy"]["kind"] == "replay" and set(rec["data"]["tokens_seen"]) == {"python_docs", "shakespeare"}
     assert "| shakespeare |" in result.stdout and "heatmap:" in result.stdout
+    assert "| debian_section |" in result.stdout and "| python_docs_next_line |" in result.stdout
     heat = image.imread(run / "report" / "heatmap.png")
     assert heat.std() > 0.05  # a real picture, not a blank canvas
 

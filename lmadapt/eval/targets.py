@@ -101,7 +101,8 @@ def evaluate_targets(targets: Targets, datasets: Sequence[SourceConfig], cfg: Co
                               max_examples=max_examples)
     from lmadapt.eval.task_report import evaluate_tasks, load_tasks
 
-    task_rows = evaluate_tasks(lineage, versions, load_tasks([*cfg.eval.tasks, *tasks]), recompute=recompute)
+    task_rows = evaluate_tasks(lineage, versions, load_tasks([*cfg.eval.tasks, *tasks]), recompute=recompute,
+                               quiet=True)  # evaluate_versions has said what is damaged
     lm_names = [d.name for d in datasets if d.format != "classification"]
     paths = write_report(rows, targets.out_dir, plot=plot, versions=versions, datasets=lm_names, classification=cls,
                          tasks=task_rows)

@@ -57,13 +57,16 @@ def score_task(params: Any, model_cfg: Any, tokenizer: Any, cfg: TaskConfig, tas
 
 def evaluate_tasks(lineage: Lineage, versions: Sequence[str], tasks: Sequence[tuple[TaskConfig, Task]], *,
                    recompute: bool = False, cache: bool = True, log: Callable[[str], None] = print,
-                   warn: Callable[[str], None] = lineage_metrics.warn) -> list[dict[str, Any]]:
-    """One row per (version, task), reusing results the lineage holds for the same params, tokenizer and task."""
+                   warn: Callable[[str], None] = lineage_metrics.warn, quiet: bool = False) -> list[dict[str, Any]]:
+    """One row per (version, task), reusing results the lineage holds for the same params, tokenizer and task.
+    `quiet`: a damaged metrics file was already reported (by the loss evaluation just before): not again."""
     rows: list[dict[str, Any]] = []
+    if not tasks:
+        return rows
     cacher = ResultCache(lineage, warn, cache)
     for vid in versions:
         model_cfg, tokenizer, params = lineage.model_config(vid), lineage.tokenizer(vid), None
-        stored = lineage.metrics(vid)
+        stored = lineage.metrics(vid, quiet=quiet)
         want = {"params_hash": lineage.record(vid)["params_hash"], "tokenizer": tokenizer.fingerprint}
         for cfg, task in tasks:
             key = f"task:{task.name}:{task.fingerprint}"
