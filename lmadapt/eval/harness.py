@@ -28,6 +28,7 @@ import numpy as np
 
 from lmadapt.config import ModelConfig
 from lmadapt.eval import loglik
+from lmadapt.eval.task_scoring import cut_at_stop, until_eos
 from lmadapt.generate import generate
 from lmadapt.lineage.store import Lineage
 from lmadapt.model import Transformer, per_layer
@@ -135,7 +136,7 @@ class LmadaptLM(LM):
                 members = group[lo:lo + GEN_ROWS]
                 for i, text in zip(members, self._generate(model, [prompts[i] for i in members], new, sampling),
                                    strict=True):
-                    texts[i] = _cut(text, stops[i])
+                    texts[i] = cut_at_stop(text, stops[i])
                     self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
         return texts
 
@@ -146,7 +147,7 @@ class LmadaptLM(LM):
         out = np.asarray(jax.device_get(generate(
             model, self.params, jnp.asarray(prompts, jnp.int32), new, rng=jax.random.PRNGKey(0),
             temperature=temperature, top_k=top_k, top_p=top_p, eos_id=self.tokenizer.eos_id)))
-        return self.tokenizer.decode([_until_eos(row[len(prompts[0]):], self.tokenizer.eos_id) for row in out])
+        return self.tokenizer.decode([until_eos(row[len(prompts[0]):], self.tokenizer.eos_id) for row in out])
 
 
 def _scores(params: Any, model_cfg: ModelConfig, pairs: Sequence[tuple[list[int], list[int]]]
@@ -171,17 +172,6 @@ def _gen_settings(kwargs: dict[str, Any] | None, default_new: int, max_length: i
     top_k, top_p = kwargs.get("top_k"), kwargs.get("top_p")
     return until, new, (float(kwargs.get("temperature", 1.0)), None if top_k is None else int(top_k),
                         None if top_p is None else float(top_p))
-
-
-def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
-    hits = np.flatnonzero(ids == eos_id)
-    return ids[:hits[0]].tolist() if hits.size else ids.tolist()
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """`text` before the first stop string: what the harness keeps of `text.split(s)[0]` over every `s`."""
-    ends = [text.find(s) for s in stop if s and s in text]
-    return text[:min(ends)] if ends else text
 
 
 def run_harness(lineage_dir: str, version: str, tasks: Sequence[str], include_path: str | None = None,

@@ -109,9 +109,9 @@ def score_generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, ta
         rows = jnp.asarray([prompts[i] for i in members], jnp.int32)
         out = np.asarray(jax.device_get(generate(model, params, rows, room, rng=jax.random.PRNGKey(0),
                                                  eos_id=tokenizer.eos_id)))
-        for i, decoded in zip(members, tokenizer.decode([_until_eos(r[length:], tokenizer.eos_id) for r in out]),
+        for i, decoded in zip(members, tokenizer.decode([until_eos(r[length:], tokenizer.eos_id) for r in out]),
                               strict=True):
-            texts[i] = _cut(decoded, stop)
+            texts[i] = cut_at_stop(decoded, stop)
     em = [exact_match(t, e.answers) for t, e in zip(texts, examples, strict=True)]
     f1 = [token_f1(t, e.answers) for t, e in zip(texts, examples, strict=True)]
     return {"task": task.name, "format": task.format, "key": f"{task.name}:{task.fingerprint}",
@@ -119,12 +119,13 @@ def score_generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, ta
             "generations": texts}
 
 
-def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+def until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+    """The generated ids before the first EOS (generate fills the rest of a finished row with EOS)."""
     hits = np.flatnonzero(ids == eos_id)
     return ids[:hits[0]].tolist() if hits.size else ids.tolist()
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first stop string (the harness's `until`)."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` before the first stop string: what the harness keeps of `text.split(s)[0]` over every `s`."""
     ends = [text.find(s) for s in stop if s and s in text]
     return text[:min(ends)] if ends else text
