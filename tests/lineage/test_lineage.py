@@ -135,8 +135,10 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "starting from version 'base'" in second.stdout and "published version 'child'" in second.stdout
     # Restarting a finished run does not publish again.
-    again = run_cmd([*common, f"run.dir={tmp_path / 'r1'}", "init.from_version=base", "version.id=child"], env=env)
-    assert again.returncode == 0 and "already published as version 'child'" in again.stdout
+    here = [*common[1:], "mesh.data=-1"]  # in process, on the test's 8 devices
+    rc, out, err = call_out(train.main, [*here, f"run.dir={tmp_path / 'r1'}", "init.from_version=base",
+                                         "version.id=child"])
+    assert rc == 0 and "already published as version 'child'" in out, err[-2000:]
     # A new run may not take an existing id, nor start from a missing one (refused before any work: in process).
     rc, err = call(train.main, [*common[1:], f"run.dir={tmp_path / 'r2'}", "version.id=base"])
     assert rc == 2 and "version.id 'base' already exists" in err
@@ -178,8 +180,9 @@ def test_train_py_publishes_versions_and_the_cli_reads_them(tmp_path):
     assert rc == 2 and "error:" in err
 
     # train.py from Hugging Face weights: the import becomes (or reuses) a root version, the run its child.
-    from_hf = run_cmd([*common, f"run.dir={tmp_path / 'r4'}", f"init.from_hf={hf_dir}", "version.id=from-hf"], env=env)
-    assert from_hf.returncode == 0, from_hf.stderr[-3000:]
+    rc, _, err = call_out(train.main, [*here, f"run.dir={tmp_path / 'r4'}", f"init.from_hf={hf_dir}",
+                                       "version.id=from-hf"])
+    assert rc == 0, err[-3000:]
     (root,) = lineage.record("from-hf")["parents"]
     assert root.startswith("hf-hf_child-") and lineage.record(root)["params_hash"] == rec["params_hash"]
 
