@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from lmadapt.config import GroupConfig, OptimizerConfig, ScheduleConfig
+from lmadapt.config import Config, ConfigError, GroupConfig, OptimizerConfig, ScheduleConfig
 
 DEFAULT_GROUP = "default"
 _LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
@@ -101,10 +101,12 @@ class ParamGroups:
 
 
 def param_groups(params: Any, cfg: OptimizerConfig, frozen: Sequence[str] = (),
-                 selectors: Mapping[str, Callable[[str], bool]] | None = None) -> ParamGroups:
+                 selectors: Mapping[str, Callable[[str], bool]] | None = None, peak_lr: float | None = None
+                 ) -> ParamGroups:
     """The groups of `params` (boxed or plain shapes): each leaf goes to the first group with a matching
     selector, else "default"; leaves matching a named selector in `frozen` (e.g. "base" under LoRA) go to the
-    frozen group "frozen_<selector>" first. `selectors`: named selectors beyond `NAMED`."""
+    frozen group "frozen_<selector>" first. `selectors`: named selectors beyond `NAMED`. `peak_lr`: the run's
+    peak learning rate for the table (`schedule_start`; None: optimizer.lr)."""
     named = {**NAMED, **(selectors or {})}
     by_name = {g.name: g for g in cfg.groups}
 
@@ -124,7 +126,7 @@ def param_groups(params: Any, cfg: OptimizerConfig, frozen: Sequence[str] = (),
     names = (DEFAULT_GROUP, *by_name, *(f"frozen_{sel}" for sel in frozen)) if cfg.groups or frozen else ()
     flat_labels = jax.tree.leaves(labels)
     return ParamGroups(labels=labels, trainable=trainable, names=names,
-                       table=_table(_leaves(params), flat_labels, cfg),
+                       table=_table(_leaves(params), flat_labels, cfg, peak_lr),
                        leaf_groups=tuple(zip(jax.tree.leaves(paths), flat_labels, strict=True)))
 
 
@@ -134,15 +136,17 @@ def _leaves(params: Any) -> list[Any]:
     return [x.value if isinstance(x, nn.Partitioned) else x for x in leaves]
 
 
-def _table(leaves: list[Any], labels: list[str], cfg: OptimizerConfig) -> tuple[dict[str, Any], ...]:
-    """One row per group: parameter count, learning rate, weight decay, frozen (for `--dry-run`)."""
+def _table(leaves: list[Any], labels: list[str], cfg: OptimizerConfig, peak_lr: float | None = None
+           ) -> tuple[dict[str, Any], ...]:
+    """One row per group: parameter count, peak learning rate, weight decay, frozen (for `--dry-run`)."""
+    peak = cfg.lr if peak_lr is None else peak_lr
     groups = {g.name: g for g in cfg.groups}
     rows: dict[str, dict[str, Any]] = {}
     for lab, p in zip(labels, leaves, strict=True):
         g = groups.get(lab)
         frozen = lab.startswith("frozen_") or bool(g and g.frozen)
         row = rows.setdefault(lab, {"group": lab, "params": 0, "tensors": 0, "frozen": frozen,
-                                    "lr": 0.0 if frozen else cfg.lr * (g.lr_scale if g else 1.0),
+                                    "lr": 0.0 if frozen else peak * (g.lr_scale if g else 1.0),
                                     "decayed": 0})
         n = math.prod(p.shape)
         row["params"] += n
@@ -151,24 +155,74 @@ def _table(leaves: list[Any], labels: list[str], cfg: OptimizerConfig) -> tuple[
     return tuple(sorted(rows.values(), key=lambda r: r["group"]))
 
 
-def make_schedule(cfg: ScheduleConfig, peak_lr: float, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the step: linear warmup, then cosine decay, constant, or wsd."""
-    warmup = optax.linear_schedule(0.0, peak_lr, cfg.warmup_steps)
+def make_schedule(cfg: ScheduleConfig, peak_lr: float, total_steps: int, offset: int = 0) -> optax.Schedule:
+    """Learning rate as a function of the step: linear warmup, then cosine decay, constant, or wsd.
+
+    `offset`: the schedule position carried from the parent (`schedule.carry`); step t of this run is position
+    offset + t. Warmup then only covers positions still inside `warmup_steps`. Cosine decays over
+    `decay_steps`, or to this run's last step when null; wsd's stable part and cooldown are this run's own.
+    """
+    if cfg.kind == "wsd":
+        return _wsd(cfg, peak_lr, total_steps, offset)
     if cfg.kind == "constant":
         if cfg.warmup_steps == 0:
             return optax.constant_schedule(peak_lr)
-        return optax.join_schedules([warmup, optax.constant_schedule(peak_lr)], [cfg.warmup_steps])
+        base = optax.join_schedules([optax.linear_schedule(0.0, peak_lr, cfg.warmup_steps),
+                                     optax.constant_schedule(peak_lr)], [cfg.warmup_steps])
+    else:
+        decay_steps = cfg.decay_steps or offset + total_steps
+        base = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak_lr, warmup_steps=cfg.warmup_steps,
+            decay_steps=max(decay_steps, cfg.warmup_steps + 1), end_value=peak_lr * cfg.min_lr_ratio)
+    # One schedule over the lineage's positions, read from this run's first one on.
+    return base if offset == 0 else (lambda step: base(step + offset))
+
+
+def _wsd(cfg: ScheduleConfig, peak_lr: float, total_steps: int, offset: int) -> optax.Schedule:
+    """Warmup (at the carried position), stable, then a linear cooldown over the last `decay_fraction` of
+    this run's steps: a carried child past warmup starts at the peak and still cools down at its own end."""
+    warmup = optax.linear_schedule(0.0, peak_lr, cfg.warmup_steps)
     decay_steps = cfg.decay_steps or total_steps
-    end = peak_lr * cfg.min_lr_ratio
-    if cfg.kind == "wsd":
-        n_decay = max(1, round(decay_steps * cfg.decay_fraction))
-        stable = max(decay_steps - n_decay - cfg.warmup_steps, 0)
-        return optax.join_schedules(
-            [warmup, optax.constant_schedule(peak_lr), optax.linear_schedule(peak_lr, end, n_decay)],
-            [cfg.warmup_steps, cfg.warmup_steps + stable])
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak_lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(decay_steps, cfg.warmup_steps + 1), end_value=end)
+    n_decay = max(1, round(decay_steps * cfg.decay_fraction))
+    warmup_left = max(cfg.warmup_steps - offset, 0)
+    stable = max(decay_steps - n_decay - warmup_left, 0)
+    first = warmup if offset == 0 else (lambda step: warmup(step + offset))
+    return optax.join_schedules(
+        [first, optax.constant_schedule(peak_lr), optax.linear_schedule(peak_lr, peak_lr * cfg.min_lr_ratio, n_decay)],
+        [warmup_left, warmup_left + stable])
+
+
+def parent_schedule(record: Mapping[str, Any]) -> tuple[float, int]:
+    """(peak learning rate, end position) of a version's schedule, from its record: the "schedule" entry of its
+    strategy, or for versions published before that entry, its config's optimizer.lr and its steps."""
+    entry = (record.get("strategy") or {}).get("schedule") or {}
+    end = entry.get("end", record["steps"])
+    peak = entry.get("peak_lr", ((record.get("config") or {}).get("optimizer") or {}).get("lr"))
+    return peak, int(end)
+
+
+def schedule_start(cfg: Config, parent_record: Mapping[str, Any] | None) -> tuple[float, int]:
+    """(peak learning rate, schedule offset) of a run whose parent's version record is `parent_record` (None: a
+    run without a parent). Without `schedule.rewarm_fraction` and `schedule.carry`: (optimizer.lr, 0)."""
+    s = cfg.schedule
+    if s.rewarm_fraction is None and not s.carry:
+        return cfg.optimizer.lr, 0
+    key = "schedule.rewarm_fraction" if s.rewarm_fraction is not None else "schedule.carry"
+    if parent_record is None:
+        raise ConfigError(f"{key}: the run has no parent version to take the schedule from (set init.from_version)")
+    peak, end = parent_schedule(parent_record)
+    if s.rewarm_fraction is None:
+        return cfg.optimizer.lr, end
+    if not isinstance(peak, int | float) or peak <= 0:
+        raise ConfigError(f"schedule.rewarm_fraction: version {parent_record.get('id')!r} records no peak learning "
+                          f"rate (strategy.schedule.peak_lr or config.optimizer.lr); set optimizer.lr instead")
+    return s.rewarm_fraction * float(peak), end if s.carry else 0
+
+
+def schedule_entry(cfg: Config, parent_record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the version record keeps of this run's schedule for its children: peak, start and end position."""
+    peak, start = schedule_start(cfg, parent_record)
+    return {"peak_lr": peak, "start": start, "end": start + cfg.train.steps}
 
 
 def decay_mask(params: Any) -> Any:

@@ -14,11 +14,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lmadapt import sharding
 from lmadapt.config import Config, ConfigError, TaskConfig
+from lmadapt.continual import average
 from lmadapt.continual.strategy import SELECTORS, Strategy
 from lmadapt.continual.strategy import build as build_strategy
 from lmadapt.data import DataError
@@ -28,7 +30,7 @@ from lmadapt.eval.task_report import TASK_METRICS, load_tasks, score_task
 from lmadapt.eval.tasks import Task
 from lmadapt.lineage.origin import Origin, resolve_origin
 from lmadapt.model import Transformer, per_layer, unstack_layers
-from lmadapt.optim import GroupError, ParamGroups, make_optimizer, make_schedule, param_groups
+from lmadapt.optim import GroupError, ParamGroups, make_optimizer, make_schedule, param_groups, schedule_start
 from lmadapt.train_step import Objective, TrainState, eval_step, init_state, start_state, train_step
 
 
@@ -81,6 +83,13 @@ class Session:
         out["loss"] = total / max(count, 1.0)
         return {**out, **self.evaluate_tasks(params)} if self.tasks else out
 
+    def evaluate_published(self, params: Any) -> dict[str, float]:
+        """`evaluate` of model params (a version's: LoRA merged, averaged) instead of the trainable ones. It
+        compiles an eval step of its own: publish calls it once, and only when averaging changed the params."""
+        plain = Objective()
+        fn = jax.jit(functools.partial(eval_step, model=self.model, objective=plain))
+        return dataclasses.replace(self, eval_fn=fn, objective=plain).evaluate(params)
+
     def evaluate_tasks(self, params: Any) -> dict[str, float]:
         """`eval.tasks` scores of the params being trained: tasks/<name>/<metric> (acc, acc_norm, acc_bytes for
         multiple choice; exact_match, f1 for generation). Scored on the model's own function: LoRA adapters
@@ -120,10 +129,15 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
     strategy = build_strategy(cfg, origin)
     cfg = strategy.prepare(cfg)
     model = Transformer(cfg.model)
-    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    levers = cfg.schedule.rewarm_fraction is not None or cfg.schedule.carry
+    parent = (origin.lineage.record(origin.parents[0])
+              if levers and origin is not None and origin.lineage is not None and origin.parents else None)
+    peak_lr, offset = schedule_start(cfg, parent)
+    schedule = make_schedule(cfg.schedule, peak_lr, cfg.train.steps, offset)
     try:
         data = build_pipeline(cfg.data, cfg.tokenizer, cfg.train.batch_size, cfg.train.seq_len, tokenizer=tokenizer,
-                              log=log if jax.process_index() == 0 else None)
+                              log=log if jax.process_index() == 0 else None, steps=cfg.train.steps,
+                              keep_replay=bool(cfg.continual.forgetting_budget.sources))
     except (DataError, TokenizerError) as e:
         raise ConfigError(str(e)) from None
     if data.vocab_size > cfg.model.vocab_size:
@@ -131,7 +145,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                           f"{data.vocab_size}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_as_tuples(rules)):
-        boxed, groups, tx = _abstract_state(cfg, model, strategy, schedule)
+        boxed, groups, tx = _abstract_state(cfg, model, strategy, schedule, peak_lr)
     objective = Objective.of(strategy, None if groups.all_trainable else groups.trainable)
     state_shardings = sharding.tree_shardings(boxed, mesh, rules)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -139,11 +153,13 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len),
+    decay = average.ema_decay(strategy)
+    init_fn = jax.jit(functools.partial(init_state, model=model, tx=tx, seq_len=cfg.train.seq_len, ema=decay > 0),
                       out_shardings=state_shardings)
-    init_from_fn = jax.jit(functools.partial(start_state, strategy=strategy, tx=tx), out_shardings=state_shardings)
+    init_from_fn = jax.jit(functools.partial(start_state, strategy=strategy, tx=tx, ema=decay > 0),
+                           out_shardings=state_shardings)
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                        microbatches=cfg.train.microbatches, objective=objective),
+                                        microbatches=cfg.train.microbatches, objective=objective, ema_decay=decay),
                       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, objective=objective),
@@ -155,21 +171,23 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
                    strategy=strategy, objective=objective, groups=groups, tx=tx, tasks=load_tasks(cfg.eval.tasks))
 
 
-def _abstract_state(cfg: Config, model: Transformer, strategy: Strategy, schedule: optax.Schedule
-                    ) -> tuple[TrainState, ParamGroups, optax.GradientTransformation]:
+def _abstract_state(cfg: Config, model: Transformer, strategy: Strategy, schedule: optax.Schedule,
+                    peak_lr: float | None = None) -> tuple[TrainState, ParamGroups, optax.GradientTransformation]:
     """The whole train state's shapes with logical names (boxed leaves), its param groups and the optimizer
-    over them: the model's params, the strategy's layout of them, then the optimizer state and the constants."""
+    over them: the model's params, the strategy's layout of them, then the optimizer state, the constants and
+    the EMA (float32, with the params' logical names so that it is sharded like them)."""
     rng = jax.random.PRNGKey(0)
     base = jax.eval_shape(functools.partial(init_state, model=model, tx=optax.identity(), seq_len=8, boxed=True),
                           rng)
     params = strategy.param_shapes(base.params, rng)
     try:
-        groups = param_groups(params, cfg.optimizer, strategy.frozen, SELECTORS)
+        groups = param_groups(params, cfg.optimizer, strategy.frozen, SELECTORS, peak_lr=peak_lr)
     except GroupError as e:
         raise ConfigError(str(e)) from None
     tx = make_optimizer(cfg.optimizer, schedule, groups)
+    ema = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
     state = base.replace(params=params, opt_state=jax.eval_shape(tx.init, params),
-                         ref=strategy.ref_shapes(base.params, rng))
+                         ref=strategy.ref_shapes(base.params, rng), ema=ema if average.ema_decay(strategy) else None)
     return state, groups, tx
 
 

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from lmadapt.continual.method import Layout, Penalty, TokenTerm
 from lmadapt.continual.strategy import Strategy
@@ -21,7 +20,7 @@ from lmadapt.data.batch import Batch
 from lmadapt.model import forward
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything that changes during training, as one pytree (checkpointed whole)."""
 
@@ -29,8 +28,42 @@ class TrainState:
     params: Any  # the model's params, or a continual method's layout of them (LoRA: {"base", "lora"})
     opt_state: Any
     rng: jax.Array  # uint32[2] PRNG key, split once per step
-    ref: Any = struct.field(default_factory=dict)  # constants of the strategy: {method name: its Ref}
-    skipped: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))  # non-finite steps so far
+    ref: Any = dataclasses.field(default_factory=dict)  # constants of the strategy: {method name: its Ref}
+    skipped: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))  # non-finite steps
+    ema: Any = None  # continual.average.ema: a float32 moving average of the params (what the run publishes)
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+
+# A pytree whose `ema` node exists only when there is one: Orbax saves empty nodes too (a None field would be
+# an "ema" entry in the checkpoint tree), so checkpoints of runs without an EMA keep the tree they had before.
+_FIELDS = ("step", "params", "opt_state", "rng", "ref", "skipped")
+
+
+def _flatten(state: TrainState) -> tuple[list[tuple[Any, Any]], bool]:
+    names = _FIELDS if state.ema is None else (*_FIELDS, "ema")
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], state.ema is not None
+
+
+def _unflatten(has_ema: bool, children: Any) -> TrainState:
+    return TrainState(*children) if has_ema else TrainState(*children, ema=None)
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten, _unflatten)
+
+
+def ema_start(params: Any) -> Any:
+    """The EMA at step 0: the start params, in float32 (in bfloat16 the small (1 - decay) share of an update
+    would round away)."""
+    return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+
+
+def final_params(state: TrainState) -> Any:
+    """The trainable params a finished run publishes: its EMA in the params' dtypes when it keeps one."""
+    if state.ema is None:
+        return state.params
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,27 +105,29 @@ class Objective:
 
 
 def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-               *, boxed: bool = False, ref: Any = None) -> TrainState:
-    """A fresh state, with the strategy's constants `ref` (a fresh student's teacher). With `boxed=True` the
-    params keep their `nn.Partitioned` logical names, which is what `jax.eval_shape` callers want for deriving
-    shardings (the optimizer moments inherit them)."""
+               *, boxed: bool = False, ref: Any = None, ema: bool = False) -> TrainState:
+    """A fresh state, with the strategy's constants `ref` (a fresh student's teacher) and, with `ema`, an EMA
+    of the params. With `boxed=True` the params keep their `nn.Partitioned` logical names, which is what
+    `jax.eval_shape` callers want for deriving shardings (the optimizer moments inherit them)."""
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(init_rng, dummy)["params"]
     if not boxed:
         params = nn.unbox(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
-                      ref={} if ref is None else ref)
+                      ref={} if ref is None else ref, ema=ema_start(params) if ema else None)
 
 
 def start_state(params: Any, ref: Any, rng: jax.Array, *, strategy: Strategy, tx: optax.GradientTransformation,
-                opt_state: Any = None) -> TrainState:
+                opt_state: Any = None, ema: bool = False) -> TrainState:
     """Step-0 state around a start version's params: the strategy's layout of them (LoRA adapters with B = 0,
-    so the function is unchanged), a fresh (or carried) optimizer state, and the strategy's constants."""
+    so the function is unchanged), a fresh (or carried) optimizer state, the strategy's constants and, with
+    `ema`, an EMA starting at the start params."""
     init_rng, state_rng = jax.random.split(rng)
     params = strategy.wrap(params, init_rng)
     opt_state = tx.init(params) if opt_state is None else opt_state
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng, ref=ref)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng, ref=ref,
+                      ema=ema_start(params) if ema else None)
 
 
 def token_loss_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,12 +175,13 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, microbatches: int = 1, objective: Objective = Objective()
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, microbatches: int = 1, objective: Objective = Objective(),
+               ema_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch, accumulating gradients over `microbatches` parts.
 
-    A step whose loss, penalty or gradients are not finite leaves params and optimizer state as they
-    were, counts itself in `state.skipped` and says which leaves were bad in `nonfinite_leaves`.
+    A step whose loss, penalty or gradients are not finite leaves params, optimizer state and EMA as they
+    were, counts itself in `state.skipped` and says which leaves were bad in `nonfinite_leaves`. When the
+    state keeps an EMA, an applied update is followed by ema = ema_decay * ema + (1 - ema_decay) * params.
 
     The per-token objective is the mean over real (mask=1) tokens of the whole global batch: gradients
     of its *sums* are accumulated and divided once by the total count, so k microbatches give exactly
@@ -180,11 +216,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     finite = jnp.isfinite(total) & jnp.isfinite(reg) & jnp.all(leaf_finite)
 
-    def apply(grads, opt_state, params):
+    def apply(grads, opt_state, params, ema):
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        params = optax.apply_updates(params, updates)
+        if ema is not None:  # inside the cond: a skipped step does not pull the average either
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p.astype(jnp.float32), ema, params)
+        return params, opt_state, ema
 
-    params, opt_state = jax.lax.cond(finite, apply, lambda g, o, p: (p, o), grads, state.opt_state, state.params)
+    params, opt_state, ema = jax.lax.cond(finite, apply, lambda g, o, p, e: (p, o, e), grads, state.opt_state,
+                                          state.params, state.ema)
     rng, _ = jax.random.split(state.rng)
 
     metrics = {
@@ -201,7 +241,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     if objective.penalties:
         metrics["penalty"] = reg
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                              skipped=metrics["skipped"])
+                              skipped=metrics["skipped"], ema=ema)
     return new_state, metrics
 
 

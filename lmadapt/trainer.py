@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -20,6 +20,8 @@ from tqdm import tqdm
 from lmadapt import sharding
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, config_to_dict
+from lmadapt.continual import average
+from lmadapt.continual.budget import Budget
 from lmadapt.files import locks
 from lmadapt.lineage.origin import Origin, publish_run, resolve_origin
 from lmadapt.model import count_params
@@ -27,23 +29,28 @@ from lmadapt.run import guards, resume
 from lmadapt.run.logs import MetricsLogger
 from lmadapt.run.stopflag import StopFlag
 from lmadapt.session import Session, build, run_tokenizer
-from lmadapt.train_step import TrainState
+from lmadapt.train_step import TrainState, final_params
 
 
 def _publish(session: Session, origin: Origin, state: TrainState, evals: dict[str, float],
-             log: Callable[[str], None], config_changes: list[dict[str, Any]]) -> str | None:
-    """Publish the finished run: its params and the strategy's artifacts (LoRA adapters, a Fisher), the
-    optimizer state when asked, and the record."""
+             log: Callable[[str], None], config_changes: list[dict[str, Any]],
+             budget: dict[str, Any] | None = None) -> str | None:
+    """Publish the finished run: its params (averaged when continual.average asks) and the strategy's
+    artifacts (LoRA adapters, a Fisher), the optimizer state when asked, and the record."""
     cfg = session.cfg
     if not cfg.lineage.dir:
         return None
-    params, artifacts = session.strategy.publishable(state.params, session, origin)
+    params, artifacts = session.strategy.publishable(final_params(state), session, origin)
+    avg = average.of(session.strategy)
+    if avg is not None and avg.changes_params:  # the record's metrics are of the params the version holds
+        evals = session.evaluate_published(params)
     if cfg.lineage.save_opt_state:
         artifacts["opt_state"] = state.opt_state
     return publish_run(cfg, origin, params, int(state.step), session.data.tokenizer, data=session.data.describe(),
                        tokens_seen=session.data.tokens_seen(int(state.step)),
                        metrics={f"eval/{k}": v for k, v in evals.items()},
-                       strategy=session.strategy.describe(cfg, list(session.groups.table)), artifacts=artifacts,
+                       strategy={**session.strategy.describe(cfg, list(session.groups.table)),
+                                 **({"forgetting_budget": budget} if budget else {})}, artifacts=artifacts,
                        config_changes=config_changes, log=log)
 
 
@@ -102,6 +109,7 @@ class _Started:
     ckpt: Checkpointer
     state: TrainState
     meta: dict[str, Any]  # saved beside every checkpoint: the config, and config changes made on resume
+    budget: Budget | None = None  # continual.forgetting_budget: its baseline and decisions (also in `meta`)
 
 
 def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Callable[[str], None], stop: StopFlag,
@@ -122,11 +130,15 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
     with session.activate(), guards.exit_on_lost_peer():
         latest = resume.resume_point(ckpt, log)
-        changes, new = [], []
+        changes, new, saved = [], [], None
         if latest is not None:
             saved = ckpt.read_meta(latest)
             changes, new = resume.config_changes(saved, latest, cfg, allow)
             resume.data_changes(saved, latest, session.data.describe(), allow)
+        # A resumed budget trains on the phases its checkpoint recorded: batch s is a function of them.
+        budget, phases = Budget.of(cfg, saved, latest)
+        if phases:
+            session.data.set_phases(phases)
         state = _first_state(cfg, session, origin, ckpt, latest, log)
         if jax.process_index() == 0:  # only now: a refused resume leaves the run's record as it was
             with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -137,8 +149,11 @@ def _start(cfg: Config, run_dir: str, devices: list[jax.Device] | None, log: Cal
     if stop.signal:
         ckpt.close()
         return None
-    return _Started(cfg, origin, session, ckpt, state, {"config": config_to_dict(cfg), "config_changes": changes,
-                                                        "data": resume.data_fingerprints(session.data.describe())})
+    meta = {"config": config_to_dict(cfg), "config_changes": changes,
+            "data": resume.data_fingerprints(session.data.describe())}
+    if budget is not None:
+        meta["budget"] = budget.state(session.data.phases)
+    return _Started(cfg, origin, session, ckpt, state, meta, budget)
 
 
 def _first_state(cfg: Config, session: Session, origin: Origin, ckpt: Checkpointer, latest: int | None,
@@ -179,15 +194,16 @@ def _run(started: _Started, on_step: Callable[[int], None] | None, log: Callable
             state, step, evals = _loop(started, prefetch, logger, on_step, log, stop)
         finally:  # in-flight async saves complete (or fail loudly) before the process goes on or exits
             ckpt.close()
-        version = None
+        version = budget = None
         if step == cfg.train.steps and stop.signal is None:
             evals = evals if evals is not None else session.evaluate(state.params)
-            version = _publish(session, started.origin, state, evals, log, started.meta["config_changes"])
+            budget = started.budget.describe(evals, session.data.phases) if started.budget else None
+            version = _publish(session, started.origin, state, evals, log, started.meta["config_changes"], budget)
     if logger:
         logger.close()
     return {"step": step, "eval_loss": evals["loss"] if evals else None, "state": state,
             "interrupted": stop.signal is not None, "tokens_seen": session.data.tokens_seen(step),
-            "data": session.data.describe(), "version": version}
+            "data": session.data.describe(), "version": version, "budget": budget}
 
 
 def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger | None,
@@ -202,6 +218,8 @@ def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger
     pending: list[tuple[int, dict]] = []
     watch = guards.NonFiniteWatch(cfg.train, list(session.groups.leaf_groups), int(state.skipped))
     evals = None
+    if started.budget is not None and started.budget.baseline is None:  # fresh: the start params' losses
+        _budget_baseline(started, logger)
     t_last = time.perf_counter()
     next_batch = prefetch.submit(session.batch, step)
     try:
@@ -233,6 +251,8 @@ def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger
                     logger.write(step, {"tokens_per_s": tok_s}, prefix="perf")
             if cfg.eval.every and (step % cfg.eval.every == 0 or at_end):
                 evals = _evaluate(session, state, step, logger, bar)
+                if started.budget is not None:
+                    next_batch = _budget_decision(started, step, evals, logger, log, prefetch, next_batch)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
                 _save(ckpt, step, state, meta)
             if stop.agreed(sync_point=step % cfg.logging.every == 0 or at_end):
@@ -242,6 +262,38 @@ def _loop(started: _Started, prefetch: ThreadPoolExecutor, logger: MetricsLogger
     finally:
         bar.close()
     return state, step, evals
+
+
+def _budget_baseline(started: _Started, logger: MetricsLogger | None) -> None:
+    """Evaluate the start params (the parent's losses): the forgetting budget's baseline, logged at step 0."""
+    budget, data = started.budget, started.session.data
+    assert budget is not None
+    budget.start(started.session.evaluate(started.state.params))
+    started.meta["budget"] = budget.state(data.phases)
+    if logger:
+        logger.write(0, {"replay_fraction": data.phases[-1][1], **{f"{k}/baseline": v for k, v in
+                                                                   (budget.baseline or {}).items()}}, prefix="budget")
+
+
+def _budget_decision(started: _Started, step: int, evals: dict[str, float], logger: MetricsLogger | None,
+                     log: Callable[[str], None], prefetch: ThreadPoolExecutor, next_batch: Future) -> Future:
+    """The forgetting budget's decision at eval point `step`, logged; a new fraction starts a phase at batch
+    `step`, so the batch already prefetched under the old phases is built again. Returns the next batch."""
+    budget, session = started.budget, started.session
+    assert budget is not None
+    fraction = session.data.phases[-1][1]
+    decision = budget.observe(step, evals, fraction)
+    if decision["to"] != fraction:
+        next_batch.result()  # let the prefetch finish before its phases change under it
+        session.data.set_phases([*session.data.phases, (step, decision["to"])])
+        if step < started.cfg.train.steps:
+            next_batch = prefetch.submit(session.batch, step)
+        if jax.process_index() == 0:
+            log(budget.message(decision))
+    started.meta["budget"] = budget.state(session.data.phases)
+    if logger:
+        logger.write(step, budget.metrics(decision), prefix="budget")
+    return next_batch
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, meta: dict[str, Any]) -> None:

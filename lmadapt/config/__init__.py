@@ -6,22 +6,26 @@ sub-config they need (`cfg.model`, `cfg.mesh`, ...) and may trust it. `schema.py
 """
 
 from lmadapt.config.base import ConfigError
+from lmadapt.config.continual import (
+    AverageConfig,
+    BudgetConfig,
+    ContinualConfig,
+    DistillConfig,
+    FisherConfig,
+    LoraConfig,
+)
 from lmadapt.config.loading import config_to_dict, load_config, section_from_dict
 from lmadapt.config.schema import (
     DEFAULT_RULES,
     CheckpointConfig,
     Config,
-    ContinualConfig,
     DataConfig,
-    DistillConfig,
     DistributedConfig,
     EvalConfig,
-    FisherConfig,
     GroupConfig,
     InitConfig,
     LineageConfig,
     LoggingConfig,
-    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
@@ -40,6 +44,8 @@ from lmadapt.config.validation import validate
 
 __all__ = [
     "DEFAULT_RULES",
+    "AverageConfig",
+    "BudgetConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from lmadapt.config.base import ConfigError, as_tuples
+from lmadapt.config.recipes import apply_recipe
 from lmadapt.config.schema import Config
 from lmadapt.config.validation import validate
 from lmadapt.files.paths import file_problem, open_regular
@@ -51,6 +52,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, mo
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
         where.overrides.append((key.strip(), item))
         _set_dotted(raw, key.strip(), value, origin=where.override(item))
+    raw = apply_recipe(raw, where("continual.recipe"))
     cfg = _build(Config, raw, prefix="", origin=where)
     try:
         validate(cfg, origin, models_from_versions=models_from_versions)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmadapt.config.base import _Frozen
+from lmadapt.config.continual import ContinualConfig
 
 # --------------------------------------------------------------------------------------------------
 # The tree
@@ -192,11 +193,18 @@ class SourceConfig(_Frozen):
 
 @dataclass(frozen=True)
 class ReplayConfig(_Frozen):
-    """Replay: `fraction` of every batch drawn from `sources` (the data earlier versions trained on)."""
+    """Replay: `fraction` of every batch drawn from `sources` (the data earlier versions trained on).
+
+    `spread`: the replay share divided equally among the sources, or in proportion to the tokens the lineage
+    trained on each (the parent's records, summed along its chain). `final_fraction`: the fraction moves
+    linearly from `fraction` to it over the run, in `phases` equal steps (each a constant mixture)."""
 
     fraction: float = 0.0
     sources: tuple[SourceConfig, ...] = ()
     from_lineage: bool = False  # add the sources (and replay sources) the parent version was trained on
+    spread: Literal["equal", "tokens"] = "equal"
+    final_fraction: float | None = None  # None: `fraction` throughout
+    phases: int = 4
 
 
 @dataclass(frozen=True)
@@ -255,15 +263,23 @@ class OptimizerConfig(_Frozen):
 
 @dataclass(frozen=True)
 class ScheduleConfig(_Frozen):
-    """Every run (each continual stage included) starts its schedule at step 0: warmup re-warms the
-    learning rate and the decay re-decays it. `wsd`: warmup, stable, then linear decay over the last
-    `decay_fraction` of the steps ("infinite" schedule)."""
+    """The learning rate over the run. By default every run (each continual stage included) starts its
+    schedule at step 0: warmup re-warms the learning rate and the decay re-decays it. `wsd`: warmup,
+    stable, then linear decay over the last `decay_fraction` of the run's steps.
+
+    For a run started from a version: `rewarm_fraction` sets the peak to that fraction of the parent's
+    peak (its record's `schedule.peak_lr`) instead of optimizer.lr; `carry` continues the parent's schedule
+    position: step t of this run is step (parent's position + t) of one schedule spanning the lineage
+    (cosine: over `decay_steps`, or to the end of this run when null; warmup only where the carried position
+    is still inside it). The record keeps this run's peak and end position for its children."""
 
     kind: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    decay_steps: int | None = None  # None: train.steps
+    decay_steps: int | None = None  # None: train.steps (with carry: the carried position + train.steps)
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd only
+    rewarm_fraction: float | None = None  # peak LR as a fraction of the parent's (None: optimizer.lr)
+    carry: bool = False  # continue the parent's schedule position instead of starting at step 0
 
 
 @dataclass(frozen=True)
@@ -307,49 +323,6 @@ class LoggingConfig(_Frozen):
 class RunConfig(_Frozen):
     dir: str = "runs/default"
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class FisherConfig(_Frozen):
-    """Estimate the diagonal Fisher of the run's result on its training data and publish it with the
-    version (EWC in a later stage reads it). Online EWC: the parent's Fisher times `gamma` is added."""
-
-    compute: bool = False
-    kind: Literal["empirical", "true"] = "empirical"
-    batches: int = 8
-    gamma: float = 1.0
-
-
-@dataclass(frozen=True)
-class DistillConfig(_Frozen):
-    """Distillation: loss = data_weight * CE + weight * T^2 * KL(teacher_T || student_T) on the run's data.
-    teacher "parent" (LwF / self-distillation) or a version id (e.g. a bigger model, for a smaller student)."""
-
-    weight: float = 0.0
-    temperature: float = 2.0
-    teacher: str = "parent"
-    data_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class LoraConfig(_Frozen):
-    """Low-rank adapters on `targets` (q, k, v, o, gate, up, down); the base is frozen. rank 0: off."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q", "v")
-
-
-@dataclass(frozen=True)
-class ContinualConfig(_Frozen):
-    """Regularised updates toward the parent version theta*: L2-SP and EWC weights (lambda), distillation,
-    LoRA, and the Fisher estimate this run publishes."""
-
-    l2sp: float = 0.0
-    ewc: float = 0.0
-    fisher: FisherConfig = field(default_factory=FisherConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)

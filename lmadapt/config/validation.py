@@ -54,6 +54,7 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     need(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "an integer >= 0")
     need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "a positive integer")
     need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "a number in [0, 1]")
+    _check_schedule_levers(cfg, need)
 
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "an integer >= 0")
     need(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "a positive integer")
@@ -83,6 +84,8 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     need(cfg.init.from_version is None or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
          "the lineage directory that holds init.from_version")
     _validate_continual(cfg, need)
+    _check_average(cfg, need)
+    _check_budget(cfg, need)
     for i, stage in enumerate(cfg.stages):
         need(_VERSION_RE.fullmatch(stage.name) is not None, f"stages.{i}.name", stage.name, "a version id")
     need(not cfg.stages or cfg.lineage.dir is not None, "lineage.dir", cfg.lineage.dir,
@@ -90,6 +93,17 @@ def validate(cfg: Config, origin: str = "<config>", *, models_from_versions: boo
     for key, vid in (("init.from_version", cfg.init.from_version), ("version.id", cfg.version.id)):
         need(vid is None or (_VERSION_RE.fullmatch(vid) is not None and ".." not in vid), key, vid,
              "a version id: letters, digits, '_', '-' or '.', no path separators or '..'")
+
+
+def _check_schedule_levers(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    """rewarm_fraction and carry read the parent version's schedule, so they need a run from a version."""
+    s, parent = cfg.schedule, cfg.init.from_version
+    need(s.rewarm_fraction is None or 0 < s.rewarm_fraction <= 10,
+         "schedule.rewarm_fraction", s.rewarm_fraction, "a number in (0, 10] or null")
+    need(s.rewarm_fraction is None or parent is not None, "schedule.rewarm_fraction", s.rewarm_fraction,
+         "null unless init.from_version is set (it is a fraction of the parent version's peak learning rate)")
+    need(not s.carry or parent is not None, "schedule.carry", s.carry,
+         "false unless init.from_version is set (it continues the parent version's schedule)")
 
 
 def _validate_model(m: ModelConfig, need: Callable[[bool, str, Any, str], None]) -> None:
@@ -149,6 +163,49 @@ def _validate_continual(cfg: Config, need: Callable[[bool, str, Any, str], None]
         need(_NAME_RE.fullmatch(g.name) is not None, f"optimizer.groups.{i}.name", g.name, "a name")
         need(bool(g.select), f"optimizer.groups.{i}.select", as_lists(g.select), "at least one selector")
         need(g.lr_scale >= 0, f"optimizer.groups.{i}.lr_scale", g.lr_scale, "a number >= 0")
+
+
+def _check_average(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    """continual.average: WiSE interpolates toward the parent version, so it needs one; the EMA decay < 1."""
+    a = cfg.continual.average
+    need(a.wise is None or 0 <= a.wise <= 1, "continual.average.wise", a.wise, "a number in [0, 1] or null")
+    need(a.wise is None or cfg.init.from_version is not None, "continual.average.wise", a.wise,
+         "null unless init.from_version names the parent version to average with")
+    need(0 <= a.ema < 1, "continual.average.ema", a.ema, "a number in [0, 1) (0: no EMA)")
+    # Under LoRA the EMA would average the frozen base too (a second copy of it for nothing).
+    need(a.ema == 0 or cfg.continual.lora.rank == 0, "continual.average.ema", a.ema,
+         "0 when continual.lora.rank > 0 (no EMA of LoRA adapters)")
+
+
+def _check_budget(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:
+    """The replay levers (final_fraction, phases) and the forgetting budget, which moves the replay fraction
+    at eval points against the parent's losses. Budget sources from the lineage are checked once known."""
+    r, b = cfg.data.replay, cfg.continual.forgetting_budget
+    need(r.final_fraction is None or 0 <= r.final_fraction < 1, "data.replay.final_fraction", r.final_fraction,
+         "a number in [0, 1) or null")
+    need(r.phases >= 2, "data.replay.phases", r.phases, "an integer >= 2 (the first at fraction, the last at "
+         "final_fraction)")
+    need(not r.final_fraction or bool(r.sources) or r.from_lineage, "data.replay.sources", as_lists(r.sources),
+         "at least one source when data.replay.final_fraction > 0 (or data.replay.from_lineage=true)")
+    if not b.sources:
+        return
+    key, names = "continual.forgetting_budget", [s.name for s in r.sources]
+    need(cfg.init.from_version is not None, f"{key}.sources", as_lists(b.sources),
+         "empty unless init.from_version is set (the budget is measured against the parent version's losses)")
+    need(cfg.eval.every > 0, "eval.every", cfg.eval.every,
+         f"a positive integer when {key}.sources is set (the budget decides at eval points)")
+    need(bool(names) or r.from_lineage, "data.replay.sources", as_lists(r.sources),
+         f"at least one source when {key}.sources is set (or data.replay.from_lineage=true)")
+    for name in b.sources:
+        need(r.from_lineage or name in names, f"{key}.sources", as_lists(b.sources),
+             f"names of data.replay.sources ({', '.join(names)}), or data.replay.from_lineage=true")
+    need(len(set(b.sources)) == len(b.sources), f"{key}.sources", as_lists(b.sources), "distinct source names")
+    need(b.replay_step > 0, f"{key}.replay_step", b.replay_step, "a positive number")
+    need(r.fraction <= b.max_fraction < 1, f"{key}.max_fraction", b.max_fraction,
+         f"a number in [data.replay.fraction={r.fraction}, 1)")
+    need(0 <= b.slack <= 1, f"{key}.slack", b.slack, "a number in [0, 1]")
+    need(r.final_fraction is None, "data.replay.final_fraction", r.final_fraction,
+         f"null when {key}.sources is set (the budget moves the fraction)")
 
 
 def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> None:

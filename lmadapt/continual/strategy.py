@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from lmadapt.continual import replay
+from lmadapt.continual.average import Average
 from lmadapt.continual.distill import Distill
 from lmadapt.continual.ewc import EWC, PublishFisher
 from lmadapt.continual.l2sp import L2SP
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from lmadapt.lineage.origin import Origin
 
 # Every method, in the order its word appears in the strategy's kind ("l2sp+ewc+replay").
-METHODS: tuple[type[Method], ...] = (L2SP, EWC, Distill, LoRA, Replay, PublishFisher)
+METHODS: tuple[type[Method], ...] = (L2SP, EWC, Distill, LoRA, Average, Replay, PublishFisher)
 # Named params selectors the methods bring to `optimizer.groups` (whether or not this run uses them).
 SELECTORS: Mapping[str, Callable[[str], bool]] = {k: v for m in METHODS for k, v in m.SELECTORS.items()}
 
@@ -92,6 +93,9 @@ class Strategy:
         """(params of the new version, artifacts): merged LoRA params and adapters, a Fisher, ..."""
         params, artifacts = self.layout.publishable(params) if self.layout else (params, {})
         for m in self.methods:
+            if isinstance(m, Average):  # before the artifacts: a Fisher is of the params the version holds
+                params = m.publish(params, origin)
+        for m in self.methods:
             artifacts.update(m.artifacts(params, run, origin))
         return params, artifacts
 
@@ -104,12 +108,20 @@ class Strategy:
         return "+".join(words)
 
     def describe(self, cfg: Config, table: list[dict[str, Any]]) -> dict[str, Any]:
-        """The strategy as the version records it: groups, schedule, optimizer state, replay, each method."""
+        """The strategy as the version records it: groups, schedule (with its peak and start and end positions,
+        which a child's rewarm_fraction and carry read), optimizer state, replay, each method."""
+        # Imported here only to keep this change inside describe (others edit the imports); they may move up.
+        from lmadapt.lineage.store import Lineage
+        from lmadapt.optim import schedule_entry
+
+        s, vid = cfg.schedule, cfg.init.from_version
+        levers = (s.rewarm_fraction is not None or s.carry) and vid and cfg.lineage.dir
+        parent = Lineage(cfg.lineage.dir).record(vid) if levers else None
         out: dict[str, Any] = {
             "groups": table,
             "frozen_params": sum(r["params"] for r in table if r["frozen"]),
             "trainable_params": sum(r["params"] for r in table if not r["frozen"]),
-            "schedule": dataclasses.asdict(cfg.schedule), "lr": cfg.optimizer.lr,
+            "schedule": {**dataclasses.asdict(s), **schedule_entry(cfg, parent)}, "lr": cfg.optimizer.lr,
             "optimizer_state": "carried" if cfg.optimizer.carry_state else "fresh",
             "replay": replay.describe(cfg),
         }

@@ -1,15 +1,22 @@
 """The input pipeline: sources -> tokens (cached) -> packed rows -> a deterministic weighted mixture.
 
-Every global batch is a pure function of (seed, step). Slot g = step * batch_size + i of the global
-batch stream is given to a source by a closed-form low-discrepancy rule, which also says how many
+Every global batch is a pure function of (seed, step, phases). Slot g = step * batch_size + i of the
+global batch stream is given to a source by a closed-form low-discrepancy rule, which also says how many
 earlier slots that source has served; that count indexes the source's rows, reshuffled every epoch.
 So a resumed run, or a run on any number of processes (each building only its own rows), sees exactly
 the batches of an uninterrupted single-process run, and each source's share of every batch is its
 weight to within one row.
+
+The mixture may change at given steps: `phases` is a sorted list of (first step, replay fraction), each a
+constant mixture whose slots are counted from its first step. A source's draws before a phase are the sum,
+in closed form, of its draws in the phases before, so its rows are still drawn once per epoch and nothing
+depends on history beyond the phases list ([(0, f)]: the single mixture of fraction f).
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
 import dataclasses
 import hashlib
 import json
@@ -25,6 +32,7 @@ import numpy as np
 from lmadapt.config import DataConfig, SourceConfig, TokenizerConfig
 from lmadapt.data import DataError
 from lmadapt.data.batch import Batch
+from lmadapt.data.mixture import Phase, Plan, assign_slots, mixture_weight, replay_schedule
 from lmadapt.data.packing import PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
@@ -46,8 +54,9 @@ class Component:
 
     name: str
     rows: PackedRows
-    weight: float  # normalised: the components' weights sum to 1
+    weight: float  # normalised: the components' weights sum to 1 (in the first phase)
     replay: bool
+    source_weight: float = 1.0  # the configured weight, relative to its group's (training or replay) sources
     _perms: OrderedDict = dataclasses.field(default_factory=OrderedDict, repr=False)
     _seed: int = 0
 
@@ -73,41 +82,70 @@ class Component:
         return self._perms[epoch]
 
 
-def assign_slots(slots: np.ndarray, weights: list[float], offsets: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(component, draw index within the component) of global slots, in closed form.
-
-    Component k takes slot g of the stream left over by components < k when
-    floor((g + 1) p + u) > floor(g p + u), with p its weight relative to what is left; floor(g p + u)
-    counts its earlier slots. Every window of n consecutive slots holds floor or ceil of n * p of them.
-    """
-    comp = np.full(len(slots), len(weights) - 1, np.int64)
-    index = slots.astype(np.int64).copy()
-    rest = slots.astype(np.int64)
-    left = 1.0
-    active = np.ones(len(slots), bool)
-    for k, (w, u) in enumerate(zip(weights[:-1], offsets[:-1], strict=True)):
-        p = min(w / left, 1.0)
-        before = np.floor(rest * p + u).astype(np.int64)
-        mine = active & (np.floor((rest + 1) * p + u).astype(np.int64) > before)
-        comp[mine], index[mine] = k, before[mine]
-        active &= ~mine
-        rest = rest - before
-        index[active] = rest[active]
-        left -= w
-    return comp, index
-
-
 class DataPipeline:
     """Training batches, held-out batches per source, and accounting of what was trained on."""
 
     def __init__(self, components: list[Component], val: dict[str, PackedRows], tokenizer: Tokenizer,
-                 batch_size: int, seq_len: int, seed: int, sources: dict[str, dict[str, Any]]):
+                 batch_size: int, seq_len: int, seed: int, sources: dict[str, dict[str, Any]],
+                 phases: list[Phase] | None = None):
         self.components, self.val, self.tokenizer = components, val, tokenizer
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.sources = sources  # name -> fingerprint, weights and packing stats (for the version record)
         rng = np.random.default_rng([seed, 7919])
         self._offsets = rng.random(len(components)).tolist()
         self._weights = [c.weight for c in components]
+        if phases is None:  # the components' own weights, as one phase
+            fraction = float(sum(c.weight for c in components if c.replay))
+            self._plans = (self._plan(0, fraction, self._weights, np.zeros(len(components), np.int64)),)
+        else:
+            self.set_phases(phases)
+
+    @property
+    def phases(self) -> list[Phase]:
+        """The mixture's phases: (first step, replay fraction), sorted."""
+        return [(p.start, p.fraction) for p in self._plans]
+
+    def set_phases(self, phases: list[Phase]) -> None:
+        """Change the mixture to `phases` (the first starts at step 0; starts increase; fractions in [0, 1))."""
+        phases = [(int(s), float(f)) for s, f in phases]
+        starts = [s for s, _ in phases]
+        if not phases or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+            raise ValueError(f"mixture phases {phases}: the first must start at step 0 and the starts increase")
+        has_replay = any(c.replay for c in self.components)
+        for _, f in phases:
+            if not 0 <= f < 1 or (f > 0 and not has_replay):
+                raise ValueError(f"mixture phases {phases}: replay fraction {f} is not in [0, 1)"
+                                 + ("" if has_replay else " with no replay sources (only 0 is)"))
+        totals = {g: sum(c.source_weight for c in self.components if c.replay == g) for g in (False, True)}
+        plans, base = [], np.zeros(len(self.components), np.int64)
+        for i, (start, f) in enumerate(phases):
+            weights = [mixture_weight(f, c.replay, has_replay, c.source_weight, totals[c.replay])
+                       for c in self.components]
+            plans.append(self._plan(start, f, weights, base))
+            if i + 1 < len(phases):
+                base = base + plans[-1].draws((phases[i + 1][0] - start) * self.batch_size, len(self.components))
+        self._plans = tuple(plans)  # one assignment: a batch built meanwhile sees the old phases or the new
+
+    def with_phases(self, phases: list[Phase]) -> DataPipeline:
+        """A pipeline over the same rows with the mixture `phases`."""
+        other = copy.copy(self)
+        other.set_phases(phases)
+        return other
+
+    def _plan(self, start: int, fraction: float, weights: list[float], base: np.ndarray) -> Plan:
+        active = np.array([k for k, w in enumerate(weights) if w > 0], np.int64)
+        return Plan(start, fraction, active, [weights[k] for k in active], [self._offsets[k] for k in active],
+                     base.copy())
+
+    def draws(self, step: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(component, draw index within the component) of rows `rows` of the batch of `step`."""
+        rows = rows or slice(0, self.batch_size)
+        plans = self._plans
+        plan = plans[bisect.bisect_right([p.start for p in plans], step) - 1]
+        slots = (step - plan.start) * self.batch_size + np.arange(rows.start, rows.stop)
+        local, index = assign_slots(slots, plan.weights, plan.offsets)
+        comp = plan.active[local]
+        return comp, index + plan.base[comp]
 
     @property
     def vocab_size(self) -> int:
@@ -115,16 +153,14 @@ class DataPipeline:
 
     def batch(self, step: int, rows: slice | None = None) -> Batch:
         """Rows `rows` (default: all) of the global training batch for `step`."""
-        rows = rows or slice(0, self.batch_size)
-        slots = step * self.batch_size + np.arange(rows.start, rows.stop)
-        comp, index = assign_slots(slots, self._weights, self._offsets)
+        comp, index = self.draws(step, rows)
         out: Batch | None = None
         for k in np.unique(comp).tolist():
             sel = comp == k
             c = self.components[k]
             part = c.rows.rows(c.row_of(index[sel]))
             if out is None:
-                out = {key: np.empty((len(slots), *v.shape[1:]), v.dtype) for key, v in part.items()}
+                out = {key: np.empty((len(comp), *v.shape[1:]), v.dtype) for key, v in part.items()}
             for key, v in part.items():
                 out[key][sel] = v
         assert out is not None
@@ -132,21 +168,21 @@ class DataPipeline:
 
     def source_counts(self, step: int) -> dict[str, int]:
         """Rows each source contributes to the global batch of `step` (what the mixture test checks)."""
-        slots = step * self.batch_size + np.arange(self.batch_size)
-        comp, _ = assign_slots(slots, self._weights, self._offsets)
+        comp, _ = self.draws(step)
         return {c.name: int((comp == k).sum()) for k, c in enumerate(self.components)}
 
     def tokens_seen(self, steps: int) -> dict[str, int]:
         """Loss-carrying tokens each source supplied in the first `steps` steps (exact, no state)."""
-        n = steps * self.batch_size
-        if n == 0:
+        if steps <= 0:
             return {c.name: 0 for c in self.components}
+        plans = self._plans
+        plan = plans[bisect.bisect_right([p.start for p in plans], steps - 1) - 1]
+        # Draws before the first slot of `steps`: the earlier phases' (closed form), then this phase's.
+        draws = plan.base + plan.draws((steps - plan.start) * self.batch_size, len(self.components))
         out = {}
-        for k, c in enumerate(self.components):
-            # Draws before slot n: the draw index the next slot would get, computed per component.
-            draws = int(_draws_before(n, k, self._weights, self._offsets))
+        for c, n in zip(self.components, draws.tolist(), strict=True):
             per_row = c.loss_tokens
-            full, part = divmod(draws, c.rows.n_rows)
+            full, part = divmod(n, c.rows.n_rows)
             total = full * int(per_row.sum())
             if part:
                 total += int(per_row[c._perm(full)[:part]].sum())
@@ -165,23 +201,11 @@ class DataPipeline:
         return self.val[name].rows(idx)
 
     def describe(self) -> dict[str, Any]:
-        """What this pipeline trains on: sources with fingerprints, weights and stats; tokenizer."""
+        """What this pipeline trains on: sources with fingerprints, weights (of the first phase) and stats;
+        tokenizer; the mixture's phases as [first step, replay fraction] (data.replay.final_fraction's
+        schedule, a forgetting budget's changes)."""
         return {"tokenizer": self.tokenizer.fingerprint, "seq_len": self.seq_len, "seed": self.seed,
-                "sources": self.sources}
-
-
-def _draws_before(n: int, k: int, weights: list[float], offsets: list[float]) -> int:
-    rest, left = n, 1.0
-    for j, (w, u) in enumerate(zip(weights, offsets, strict=True)):
-        if j == len(weights) - 1:
-            return rest
-        p = min(w / left, 1.0)
-        before = int(np.floor(rest * p + u))
-        if j == k:
-            return before
-        rest -= before
-        left -= w
-    return rest
+                "sources": self.sources, "replay_phases": [[s, f] for s, f in self.phases]}
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -236,13 +260,19 @@ def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_
 
 
 def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, seq_len: int,
-                   tokenizer: Tokenizer | None = None, log: Callable[[str], None] | None = None) -> DataPipeline:
+                   tokenizer: Tokenizer | None = None, log: Callable[[str], None] | None = None, *,
+                   steps: int | None = None, keep_replay: bool = False) -> DataPipeline:
     """Read, tokenize (or load from cache), split and pack every source; weigh them into a mixture.
 
     `tokenizer` overrides `tok_cfg` (a run started from a model version keeps that version's tokenizer).
+    `steps`: the run's length, over which data.replay.final_fraction is reached (without it, the mixture is
+    data.replay.fraction throughout). `keep_replay`: build the replay sources even at fraction 0 (a
+    forgetting budget may raise it, and evaluates them).
     """
+    r = data.replay
     new = [(s, False) for s in data.sources]
-    old = [(s, True) for s in data.replay.sources] if data.replay.fraction > 0 else []
+    keep = r.fraction > 0 or (r.final_fraction or 0.0) > 0 or keep_replay
+    old = [(s, True) for s in r.sources] if keep else []
     reads = {s.name: read_source(s, data.decode_errors, data.max_document_bytes) for s, _ in new + old}
     if tokenizer is None:
         tokenizer = resolve_tokenizer(tok_cfg, {s.name: reads[s.name] for s, _ in new}, data.cache_dir)
@@ -251,10 +281,9 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
     for src, replay in new + old:
         tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, pending=stores)
         train_rows, val_rows = _pack_source(src, tokenized, data, tokenizer, batch_size, seq_len)
-        group = old if replay else new
-        share = data.replay.fraction if replay else 1.0 - (data.replay.fraction if old else 0.0)
-        weight = share * src.weight / sum(s.weight for s, _ in group)
-        components.append(Component(src.name, train_rows, weight, replay, _seed=data.seed))
+        total = sum(s.weight for s, _ in (old if replay else new))
+        weight = mixture_weight(r.fraction, replay, bool(old), src.weight, total)
+        components.append(Component(src.name, train_rows, weight, replay, source_weight=src.weight, _seed=data.seed))
         val[src.name] = val_rows
         stats = dataclasses.asdict(train_rows.stats)
         described[src.name] = {"weight": weight, "replay": replay, "fingerprint": tokenized.fingerprint,
@@ -264,7 +293,8 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
             log(_summary(src.name, described[src.name], data.long_docs))
     for store in stores:
         store()
-    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described)
+    phases = replay_schedule(r.fraction, r.final_fraction, r.phases, steps)
+    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases)
 
 
 def _pack_source(src: SourceConfig, tokenized: TokenizedSource, data: DataConfig, tokenizer: Tokenizer,

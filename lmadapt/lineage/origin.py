@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from lmadapt.config import Config, ConfigError, ModelConfig, config_to_dict
 from lmadapt.data.tokenizers import Tokenizer, TokenizerError
@@ -41,10 +43,16 @@ class Origin:
         """The parent's optimizer state (optimizer.carry_state)."""
         assert self.lineage is not None and self.parents
         try:
-            return self.lineage.load_artifact(self.parents[0], "opt_state", target)
+            state = self.lineage.load_artifact(self.parents[0], "opt_state", target)
         except LineageError as e:
             raise ConfigError(f"optimizer.carry_state: {e}; publish the parent with lineage.save_opt_state=true "
                               f"and the same optimizer groups") from None
+        # The moments (and Adam's bias-correction count) carry over; the learning-rate schedule's own step
+        # count does not: this run's schedule starts at its step 0 (schedule.carry offsets it explicitly), as
+        # the logged train/lr says. Carried, the parent's count would silently shift the applied schedule.
+        return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count))
+                            if isinstance(x, optax.ScaleByScheduleState) else x, state,
+                            is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
 
 
 def load_version_params(lineage: Lineage, vid: str, target: Any, scan_layers: bool, stored: str) -> Any:

@@ -5,11 +5,14 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 from tests_paths import ROOT, TINY
 
 from lmadapt.config import load_config
+from lmadapt.continual.average import interpolate
 from lmadapt.lineage.store import Lineage
+from lmadapt.train_step import final_params
 from lmadapt.trainer import train
 
 BOOKS = os.path.join(ROOT, "data", "books_en.txt.xz")
@@ -20,7 +23,10 @@ UPDATES = {
     "replay": ["data.replay.fraction=0.25", "data.replay.from_lineage=true"],
     "l2sp+ewc": ["continual.l2sp=0.1", "continual.ewc=1.0", "continual.fisher.compute=true",
                  "continual.fisher.gamma=0.5", "continual.fisher.batches=1"],
-    "lwf+wsd": ["continual.distill.weight=0.5", "schedule.kind=wsd", "schedule.warmup_steps=1"],
+    # Levers that change nothing else's checks share one run (each run here costs a compile).
+    "lwf+wsd+ema+wise": ["continual.distill.weight=0.5", "schedule.kind=wsd", "schedule.warmup_steps=1",
+                         "schedule.rewarm_fraction=0.5", "schedule.carry=true", "continual.average.ema=0.5",
+                         "continual.average.wise=0.5"],
     "freeze+carry": ["optimizer.groups=[{name: low, select: ['layers:0-0', embeddings], frozen: true}]",
                      "optimizer.carry_state=true"],
     "lora": ["continual.lora.rank=2"],
@@ -57,6 +63,8 @@ def test_update_on_a_new_domain(lineage_dir, data_cache, name):
     kind = rec["strategy"]["kind"]
     if name == "naive":
         assert kind == "full" and set(rec["data"]["tokens_seen"]) == {"books"}
+        sched = rec["strategy"]["schedule"]
+        assert (sched["peak_lr"], sched["start"], sched["end"]) == (cfg.optimizer.lr, 0, 4)
     if name == "replay":
         # The parent's data comes back as the replay source, with its share of the batch.
         seen = rec["data"]["tokens_seen"]
@@ -68,12 +76,29 @@ def test_update_on_a_new_domain(lineage_dir, data_cache, name):
         assert "fisher" in rec["artifacts"]  # online EWC: this version's Fisher includes 0.5 x v0's
         online = lineage.load_artifact(vid, "fisher")
         assert all(np.all(np.asarray(x) >= 0) for x in jax.tree.leaves(online))
-    if name == "lwf+wsd":
-        assert kind == "distill" and rec["strategy"]["schedule"]["kind"] == "wsd"
+    if name == "lwf+wsd+ema+wise":
+        sched = rec["strategy"]["schedule"]
+        assert kind == "distill+ema+wise" and sched["kind"] == "wsd"
+        # rewarm_fraction and carry: half v0's peak, positions 4..8 after v0's 4 steps (from v0's record).
+        assert sched["peak_lr"] == pytest.approx(0.5 * lineage.record("v0")["strategy"]["schedule"]["peak_lr"])
+        assert (sched["start"], sched["end"]) == (4, 8)
+        first = json.loads((lineage_dir / vid / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["train/lr"] == pytest.approx(sched["peak_lr"])  # v0 is past warmup: no re-warm
+        # Published: halfway between the parent and the EMA; its metrics are of those params, not the trained ones.
+        assert rec["strategy"]["average"] == {"wise": 0.5, "ema": 0.5}
+        want = interpolate(lineage.load_params("v0"), jax.device_get(final_params(result["state"])), 0.5)
+        for got, w in zip(jax.tree.leaves(lineage.load_params(vid)), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+        assert rec["metrics"]["eval/loss"] != result["eval_loss"]
     if name == "freeze+carry":
         assert kind == "freeze" and rec["strategy"]["optimizer_state"] == "carried"
         parent, child = lineage.load_params("v0"), lineage.load_params(vid)
         np.testing.assert_array_equal(np.asarray(child["embed"]["embedding"]), np.asarray(parent["embed"]["embedding"]))
+        # The moments carry over, the schedule's step count does not: the applied learning rate follows this
+        # run's schedule from its step 0 (carried, v0's count would have shifted it by v0's 4 steps).
+        counts = [int(x.count) for x in jax.tree.leaves(result["state"].opt_state, is_leaf=lambda x: isinstance(
+            x, optax.ScaleByScheduleState)) if isinstance(x, optax.ScaleByScheduleState)]
+        assert counts and set(counts) == {4}
     if name == "lora":
         assert kind == "lora" and rec["artifacts"] == ["lora"]
         assert rec["strategy"]["trainable_params"] < rec["strategy"]["frozen_params"] / 10
