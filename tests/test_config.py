@@ -134,3 +134,24 @@ def test_family_options_a_family_lacks_are_refused(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert needle in str(e.value)
+
+
+def test_a_recipe_fills_in_its_keys_under_the_users_and_only_for_updates():
+    from lmadapt.config.recipes import RECIPES
+
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    update = ["init.from_version=base", "lineage.dir=/nonexistent", "continual.recipe=replay-rewarm"]
+    cfg = load_config(tiny, update)
+    recipe = RECIPES["replay-rewarm"]
+    assert cfg.data.replay.fraction == recipe["data.replay.fraction"] and cfg.data.replay.from_lineage
+    assert cfg.data.replay.spread == recipe["data.replay.spread"]
+    assert cfg.schedule.rewarm_fraction == recipe["schedule.rewarm_fraction"]
+    # A key the user sets wins, wherever it is set (command line here, before or after the recipe).
+    assert load_config(tiny, ["data.replay.fraction=0.1", *update]).data.replay.fraction == 0.1
+    assert load_config(tiny, [*update, "data.replay.fraction=0.1"]).data.replay.fraction == 0.1
+    # A base run (no parent) is unchanged, so a staged config can name the recipe once at the top.
+    base = load_config(tiny, ["continual.recipe=replay-rewarm"])
+    assert base.data.replay.fraction == 0.0 and base.schedule.rewarm_fraction is None
+    assert base.continual.recipe == "replay-rewarm"  # and recorded
+    with pytest.raises(ConfigError, match=r"continual.recipe' has value 'fast'; expected one of replay-rewarm"):
+        load_config(tiny, ["continual.recipe=fast"])

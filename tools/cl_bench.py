@@ -18,13 +18,14 @@ strategy's R, what an update costs against a retrain on everything seen so far, 
   * newest-domain loss <= 1.02x naive fine-tuning's.
 
 The seed is the model's initialisation (run.seed); the data order and the held-out split stay fixed, so
-every seed is scored on the same held-out text. The default runs in about 40 minutes on 2 CPU cores; `--scale`
+every seed is scored on the same held-out text. The default takes an estimated 35-40 minutes on 2 CPU cores; `--scale`
 uses a bigger model and 5x the steps (for a GPU). Runs are resumable: published versions are reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -60,8 +61,13 @@ STRATEGIES: dict[str, list[str]] = {
     "replay-ramp+carry": ["data.replay.fraction=0.1", "data.replay.final_fraction=0.4", *REPLAY,
                           "schedule.carry=true"],
     "replay50+carry": ["data.replay.fraction=0.5", *REPLAY, "schedule.carry=true"],
-    "replay25+carry+wise0.8": [*R25, "schedule.carry=true", "continual.average.wise=0.8"],
-    "replay25+carry+ema": [*R25, "schedule.carry=true", "continual.average.ema=0.98"],
+    "replay25+wise0.8": [*R25, "continual.average.wise=0.8"],
+    "replay25+ema": [*R25, "continual.average.ema=0.98"],
+    "replay-ramp": ["data.replay.fraction=0.1", "data.replay.final_fraction=0.4", *REPLAY],
+    "replay40+tokens": ["data.replay.fraction=0.4", *REPLAY, "data.replay.spread=tokens"],
+    "replay50+tokens": ["data.replay.fraction=0.5", *REPLAY, "data.replay.spread=tokens"],
+    "replay75": ["data.replay.fraction=0.75", *REPLAY],
+    "replay50+lwf": ["data.replay.fraction=0.5", *REPLAY, "continual.distill.weight=0.5"],
     "replay25+optstate": [*R25, "optimizer.carry_state=true"],
     "replay25+lwf": [*R25, "continual.distill.weight=0.5"],
     "replay-rewarm": ["continual.recipe=replay-rewarm"],
@@ -94,13 +100,15 @@ def base_overrides(args: argparse.Namespace, lineage: str, tokenizer_path: str) 
 
 
 def train_version(args, lineage: str, vid: str, overrides: list[str]) -> float:
-    """Train and publish version `vid` (unless published already); its training wall time (0 if reused)."""
+    """Train and publish version `vid` (unless published already); its training wall time."""
     from lmadapt.config import load_config
     from lmadapt.lineage.store import Lineage
     from lmadapt.trainer import train
 
-    if Lineage(lineage).exists(vid):
-        return 0.0
+    if Lineage(lineage).exists(vid):  # reused: its run's start (the lock file it took) to its publication
+        created = datetime.datetime.fromisoformat(Lineage(lineage).record(vid)["created"]).timestamp()
+        lock = os.path.join(os.path.dirname(lineage), "runs", vid, "train.lock")
+        return max(created - os.path.getmtime(lock), 0.0) if os.path.exists(lock) else float("nan")
     tok = os.path.join(args.out, "tokenizer.model")
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
                       [*base_overrides(args, lineage, tok), f"run.dir={os.path.dirname(lineage)}/runs/{vid}",
@@ -175,7 +183,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1", help="model initialisation seeds (run.seed)")
     parser.add_argument("--strategies", default=DEFAULT, help=f"comma-separated, from: {', '.join(STRATEGIES)}")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="the sequence, base domain first")
-    parser.add_argument("--refs", default="1,2", help="joint retrains, as multiples of one chain's compute")
+    parser.add_argument("--refs", default="1,2", help="joint retrains, as multiples of one chain's compute (empty: "
+                        "none, and no report)")
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--out", default="runs/cl_bench")
     parser.add_argument("--scale", action="store_true", help="bigger model and 5x the steps (GPU)")
@@ -190,7 +199,7 @@ def main() -> int:
               f"{', '.join(DOMAINS)})", file=sys.stderr)
         return 2
     domains = [DOMAINS[d] for d in args.domains.split(",")]
-    strategies, refs = args.strategies.split(","), [float(x) for x in args.refs.split(",")]
+    strategies, refs = args.strategies.split(","), [float(x) for x in args.refs.split(",") if x]
     seeds = [int(s) for s in args.seeds.split(",")]
     os.makedirs(args.out, exist_ok=True)
     import jax
@@ -201,6 +210,8 @@ def main() -> int:
     make_tokenizer(args, domains)
     t0 = time.perf_counter()
     results = {s: run_seed(args, s, domains, strategies, refs) for s in seeds}
+    if not refs:  # (a run that only adds versions, e.g. beside another process on the same --out)
+        return 0
     from cl_report import report
 
     text = report(results, args, [d["name"] for d in domains], time.perf_counter() - t0)

@@ -84,7 +84,7 @@ def cost_rows(results: dict[int, dict[str, Any]], domains: list[str], steps: int
     """What update k costs against retraining on everything seen so far ((k+1) stages of data, equal compute),
     in tokens and in wall time (the retrain's estimated from the equal-compute joint run's)."""
     first = next(iter(results.values()))
-    name = next(iter(first["strategies"]))
+    name = list(first["strategies"])[-1]  # the last strategy listed (the default's: the recipe with a budget)
     joint_wall = np.mean([r["joint"][ref]["wall_s"] for r in results.values()])
     rows = []
     for k in range(1, len(domains)):
@@ -123,7 +123,8 @@ def report(results: dict[int, dict[str, Any]], args: argparse.Namespace, domains
              markdown_table(rows, cols),
              "Final held-out loss per domain (seed mean):\n\n" + markdown_table(domain_rows(results, domains, refs),
                                                                                 ["model", *domains]),
-             "Cost of each update against a retrain on everything seen so far (equal compute):\n\n"
+             f"Cost of each update ({list(next(iter(results.values()))['strategies'])[-1]}) against a retrain on "
+             "everything seen so far (equal compute):\n\n"
              + markdown_table(cost_rows(results, domains, args.steps, refs[0]),
                               ["update", "update_tokens", "retrain_tokens", "token_ratio", "update_wall_s",
                                "retrain_wall_s (est.)"]),

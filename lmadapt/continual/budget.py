@@ -104,4 +104,16 @@ class Budget:
         return {**dataclasses.asdict(self.cfg), "sources": list(self.cfg.sources), "floor": self.floor,
                 "baseline": self.baseline, "final": {k: evals[f"{k}/loss"] for k in self.cfg.sources}, "rises": rises,
                 "phases": [[s, f] for s, f in phases], "decisions": self.decisions,
-                "held": not exceeded, "exceeded": exceeded}
+                "held": not exceeded, "exceeded": exceeded, "why": self._why(exceeded, phases)}
+
+    def _why(self, exceeded: list[str], phases: list[tuple[int, float]]) -> str | None:
+        """Why the budget did not hold, in words a reader of the record can act on (None when it held)."""
+        if not exceeded:
+            return None
+        start, fraction = phases[-1]
+        if fraction >= self.cfg.max_fraction:
+            return (f"replay was at continual.forgetting_budget.max_fraction={self.cfg.max_fraction:g} from step "
+                    f"{start} on and {', '.join(exceeded)} still rose more than {self.cfg.max_rise:g}: raise "
+                    f"max_fraction, or add distillation or a smaller learning rate")
+        return (f"the last eval point raised replay to {fraction:g} (step {start}) but the run ended before it took "
+                f"effect: evaluate more often (eval.every) or use a larger replay_step")

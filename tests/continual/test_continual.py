@@ -33,19 +33,6 @@ UPDATES = {
 }
 
 
-@pytest.fixture(scope="module")
-def lineage_dir(tmp_path_factory, data_cache):
-    root = tmp_path_factory.mktemp("continual")
-    cfg = load_config(TINY, [f"run.dir={root / 'v0'}", f"lineage.dir={root / 'lineage'}", "version.id=v0",
-                             "train.steps=4", "mesh.data=1", "logging.progress=false", "eval.every=0",
-                             "checkpoint.every=0", f"data.sources.0.path={SHAKESPEARE}", f"data.cache_dir={data_cache}",
-                             "continual.fisher.compute=true", "continual.fisher.batches=1",
-                             "lineage.save_opt_state=true", "optimizer.groups=[{name: low, select: "
-                             "['layers:0-0', embeddings], frozen: true}]"])
-    train(cfg, log=lambda s: None, devices=jax.devices()[:1])
-    return root
-
-
 @pytest.mark.parametrize("name", list(UPDATES))
 def test_update_on_a_new_domain(lineage_dir, data_cache, name):
     vid = f"v1-{name.replace('+', '-')}"
