@@ -25,6 +25,8 @@ from lmadapt.continual.l2sp import L2SP
 from lmadapt.continual.lora import LoRA
 from lmadapt.continual.method import Layout, Method, Penalty, Run, TokenTerm, WithRef
 from lmadapt.continual.replay import Replay
+from lmadapt.lineage.store import Lineage
+from lmadapt.optim import schedule_entry
 
 if TYPE_CHECKING:
     from lmadapt.config import Config
@@ -110,10 +112,6 @@ class Strategy:
     def describe(self, cfg: Config, table: list[dict[str, Any]]) -> dict[str, Any]:
         """The strategy as the version records it: groups, schedule (with its peak and start and end positions,
         which a child's rewarm_fraction and carry read), optimizer state, replay, each method."""
-        # Imported here only to keep this change inside describe (others edit the imports); they may move up.
-        from lmadapt.lineage.store import Lineage
-        from lmadapt.optim import schedule_entry
-
         s, vid = cfg.schedule, cfg.init.from_version
         levers = (s.rewarm_fraction is not None or s.carry) and vid and cfg.lineage.dir
         parent = Lineage(cfg.lineage.dir).record(vid) if levers else None
