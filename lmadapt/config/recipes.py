@@ -42,7 +42,7 @@ def apply_recipe(raw: dict[str, Any], origin: str) -> dict[str, Any]:
     name = (raw.get("continual") or {}).get("recipe") if isinstance(raw.get("continual"), dict | None) else None
     if name is None:
         return raw
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"{origin}: key 'continual.recipe' has value {name!r}; expected one of "
                           f"{', '.join(RECIPES)} (or null)")
     if not (raw.get("init") or {}).get("from_version"):
