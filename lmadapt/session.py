@@ -119,6 +119,10 @@ def build(cfg: Config, devices: list[jax.Device] | None = None, log: Callable[[s
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except sharding.ShardingError as e:
         raise ConfigError(str(e)) from None
+    platforms = sorted({d.platform for d in mesh.devices.flat})
+    if cfg.model.attention == "cudnn" and platforms != ["gpu"]:
+        raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs (cuDNN); this run's devices are "
+                          f"{', '.join(platforms)}: use model.attention=auto (XLA's attention)")
     rules = cfg.mesh.rules
     shards = sharding.batch_shards(mesh, rules)
     micro = cfg.train.batch_size // cfg.train.microbatches

@@ -187,7 +187,8 @@ def _run(started: _Started, on_step: Callable[[int], None] | None, log: Callable
     """Train from the started state to `train.steps` (or a stop signal), then publish."""
     cfg, session, ckpt, state = started.cfg, started.session, started.ckpt, started.state
     lead = jax.process_index() == 0
-    logger = MetricsLogger(os.path.abspath(cfg.run.dir), tensorboard=cfg.logging.tensorboard) if lead else None
+    logger = (MetricsLogger(os.path.abspath(cfg.run.dir), tensorboard=cfg.logging.tensorboard, warn=log)
+              if lead else None)
     # A process of a multi-process job died: one error line and exit 3 instead of a hang then SIGABRT.
     with session.activate(), ThreadPoolExecutor(1) as prefetch, guards.exit_on_lost_peer():
         try:

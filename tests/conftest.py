@@ -1,9 +1,19 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must be set before JAX is imported)."""
+"""Test setup: 8 fake CPU devices for sharding tests (must be set before JAX is imported).
+
+LMADAPT_TEST_DEVICE=gpu (tools/gpu_check.py) runs the tests on the accelerator JAX finds instead. There, fp32
+matmuls default to TF32-like precision, so the comparisons with transformers' fp32 logits would test that
+rounding rather than the model: the run asks for full fp32 precision. A test marked `devices(n)` that needs
+more devices than the accelerator has is skipped there, with the count in the reason; on CPU it always runs.
+"""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ON_DEVICE = os.environ.get("LMADAPT_TEST_DEVICE")
+if ON_DEVICE:
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the test session and the train.py subprocesses it starts: the same tiny
 # step compiled by many tests (and by both halves of the resume test) is compiled once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -39,3 +49,15 @@ def tiny_config(data_cache):
 
     return make
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "devices(n): needs n JAX devices (the suite's 8 fake CPU devices give them)")
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("devices")
+    if marker and ON_DEVICE:
+        import jax
+
+        if jax.device_count() < marker.args[0]:
+            pytest.skip(f"needs {marker.args[0]} devices; this {ON_DEVICE} run has {jax.device_count()}")

@@ -218,6 +218,7 @@ def test_every_param_has_logical_names(family, scan):
     assert specs["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
+@pytest.mark.devices(4)
 def test_logical_constraints_under_a_mesh():
     """With rules and a (data, fsdp, tensor) mesh active the activation constraints apply and change nothing."""
     cfg = tiny("llama")

@@ -48,6 +48,7 @@ def by_path(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sharded_losses_match_single_device(tiny_config, family):
     extra = ["model.family=gpt2", "model.tie_embeddings=true"] if family == "gpt2" else []
@@ -91,6 +92,7 @@ def _loss_and_grads(cfg, params, batch):
     return jax.value_and_grad(loss)(params)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("name", FAMILY_OPTIONS)
 def test_sharded_loss_and_grads_match_single_device_for_each_family(name):
     cfg = ModelConfig(**{"n_kv_heads": 2, "max_seq_len": 64, **FAMILY_OPTIONS[name]})
@@ -115,6 +117,7 @@ def test_sharded_loss_and_grads_match_single_device_for_each_family(name):
     assert specs["layers_0/attn/q/kernel"].sharding.spec == P("fsdp", "tensor", None)
 
 
+@pytest.mark.devices(8)
 def test_indivisible_dimension_is_replicated_not_an_error():
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=8))
     spec = sharding.spec_for(("vocab", "embed"), (250, 64), mesh, MeshConfig().rules)
@@ -123,14 +126,28 @@ def test_indivisible_dimension_is_replicated_not_an_error():
     assert spec == P("tensor", None)
 
 
+@pytest.mark.devices(8)
 def test_mesh_size_mismatch_names_keys():
     with pytest.raises(sharding.ShardingError, match="must equal the device count"):
         sharding.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     assert dict(sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
+@pytest.mark.devices(8)
 def test_batch_not_divisible_by_shards_is_a_config_error(tiny_config):
     from lmadapt.config import ConfigError
 
     with pytest.raises(ConfigError, match="not divisible by the 8 batch shards"):
         build(tiny_config("mesh.data=8", "train.batch_size=12"))
+
+
+def test_cudnn_attention_is_refused_in_one_line_where_there_is_no_gpu(tiny_config):
+    from lmadapt.config import ConfigError
+
+    cfg = tiny_config("model.attention=cudnn", "model.dtype=bfloat16", "mesh.data=1")
+    if jax.default_backend() == "gpu":
+        assert build(cfg, devices=jax.devices()[:1]).cfg.model.attention == "cudnn"
+        return
+    with pytest.raises(ConfigError, match="model.attention=cudnn needs NVIDIA GPUs .cuDNN.; this run's devices are "
+                                          "cpu: use model.attention=auto"):
+        build(cfg, devices=jax.devices()[:1])

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -40,34 +37,14 @@ from lmadapt.eval.loglik import ROWS, _rows, encode_pair, loglikelihoods  # noqa
 from lmadapt.eval.task_report import load_tasks, read_suite  # noqa: E402
 from lmadapt.model import count_params, init_params, per_layer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchinfo import cpu_line  # noqa: E402
+
 MODELS = {"quickstart": os.path.join(ROOT, "configs", "quickstart.yaml"),
           "tiny": os.path.join(ROOT, "configs", "tiny.yaml")}
 SUITE = os.path.join(ROOT, "configs", "eval", "tasks.yaml")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CORPORA = ("shakespeare", "python_docs")
 TOLERANCE = 1e-5
-
-
-def cpu_line() -> str:
-    """lscpu's model name and which bf16 instruction flags the CPU has (from /proc/cpuinfo without lscpu)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-    model, flags = fields.get("model name"), fields.get("flags")
-    if model is None or flags is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                info = f.read()
-        except OSError:
-            info = ""
-        model = model or next(iter(re.findall(r"^model name\s*:\s*(.*)$", info, re.M)), platform.processor() or "?")
-        flags = flags or next(iter(re.findall(r"^flags\s*:\s*(.*)$", info, re.M)), "")
-    have = set(flags.split())
-    return (f"cpu: {model} ({os.cpu_count()} logical cpus); bf16 flags: "
-            + ", ".join(f"{f}={'yes' if f in have else 'no'}" for f in BF16_FLAGS))
 
 
 def tokenizer(kind: str, vocab_size: int) -> Tokenizer:

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=20, help="greedy tokens generated (default 20)")
     args = parser.parse_args(argv)
 
+    import contextlib
+
+    import jax
+
     from lmadapt.config import ConfigError
     from lmadapt.data.tokenizers import TokenizerError
     from lmadapt.hf import HFError
@@ -59,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         texts = read_texts(args.text) if args.text else None
-        report = check_hf(args.directory, lineage_dir=args.lineage, version=args.version, texts=texts,
-                          atol=args.atol, max_tokens=args.max_tokens, new_tokens=args.new_tokens, dtype=args.dtype)
+        # On a GPU, JAX's default fp32 matmul is TF32-like: a 1e-4 check would test that rounding, not the model.
+        exact = jax.default_matmul_precision("highest") if args.dtype == "float32" else contextlib.nullcontext()
+        with exact:
+            report = check_hf(args.directory, lineage_dir=args.lineage, version=args.version, texts=texts,
+                              atol=args.atol, max_tokens=args.max_tokens, new_tokens=args.new_tokens,
+                              dtype=args.dtype)
     except (CheckError, HFError, LineageError, TokenizerError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 import numpy as np
-from bench_eval import cpu_line
+from benchinfo import cpu_line
 
 from lmadapt.eval.classification import markdown_table
 

@@ -120,6 +120,8 @@ def _validate_model(m: ModelConfig, need: Callable[[bool, str, Any, str], None])
     need(m.family != "gpt2" or m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
          "true for the gpt2 family (GPT-2 ties its input and output embeddings)")
     need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a positive number")
+    need(m.attention != "cudnn" or m.dtype != "float32", "model.attention", m.attention,
+         "auto, xla or einsum with model.dtype=float32 (cuDNN's fused attention runs in bfloat16 only)")
     _validate_family_options(m, need)
 
 

@@ -100,7 +100,9 @@ def _logits(params: Any, tokens: jax.Array, *, model: Transformer) -> jax.Array:
 
 def _compute(cfg: ModelConfig, dtype: str) -> ModelConfig:
     # The per-layer layout (what import and `load_params(scan_layers=False)` give) and the check's compute dtype.
-    return dataclasses.replace(per_layer(cfg), dtype=dtype, remat="none")
+    # cuDNN's fused attention has no float32 kernel: a version trained with it is checked in float32 on XLA's.
+    attention = "xla" if cfg.attention == "cudnn" and dtype == "float32" else cfg.attention
+    return dataclasses.replace(per_layer(cfg), dtype=dtype, remat="none", attention=attention)
 
 
 def lmadapt_from_hf(directory: str, dtype: str = "float32") -> LmadaptSide:

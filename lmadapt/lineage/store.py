@@ -170,7 +170,12 @@ class Lineage:
         self._checked.add(version_id)
 
     def model_config(self, version_id: str) -> ModelConfig:
-        return section_from_dict(ModelConfig, self.record(version_id)["model"], f"version {version_id}", "model.")
+        """The version's architecture. Its attention kernel is how it was trained, not what it computes (a restart
+        may change it too): a version trained with cuDNN on GPUs is read with `auto` on a machine without them."""
+        cfg = section_from_dict(ModelConfig, self.record(version_id)["model"], f"version {version_id}", "model.")
+        if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+            cfg = dataclasses.replace(cfg, attention="auto")
+        return cfg
 
     def tokenizer(self, version_id: str) -> Tokenizer:
         self.check_intact(version_id)

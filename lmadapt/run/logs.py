@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 
@@ -13,13 +14,19 @@ class MetricsLogger:
     Only the process that owns it writes (the trainer creates one on process 0).
     """
 
-    def __init__(self, directory: str, tensorboard: bool = True):
+    def __init__(self, directory: str, tensorboard: bool = True, warn: Callable[[str], None] = print):
         os.makedirs(directory, exist_ok=True)
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
+            # Images built for accelerators often lack tensorboardX (the NVIDIA one here does): the run goes
+            # on with metrics.jsonl, which holds every number the event files would.
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                warn("warning: logging.tensorboard: tensorboardX is not installed, so only metrics.jsonl is "
+                     "written (pip install tensorboardX, or set logging.tensorboard=false)")
+                return
             self._tb = SummaryWriter(os.path.join(directory, "tb"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:

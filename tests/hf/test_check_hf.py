@@ -181,3 +181,12 @@ def test_generation_difference_fails_unless_a_near_tie(tie, code):
     assert report.logits.max_abs_diff == 0 and not report.tokenizer.failed
     assert report.generation.first_diff == 3 and report.exit_code() == code
     assert ("a near tie" in "\n".join(report.lines())) == tie
+
+
+def test_a_cudnn_trained_model_is_checked_in_float32_on_xla_attention():
+    # cuDNN has no float32 kernel: on a GPU the float32 check of a cuDNN-trained version would stop in JAX.
+    from lmadapt.hf.logit_sides import _compute
+
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, attention="cudnn", dtype="bfloat16")
+    assert _compute(cfg, "float32").attention == "xla" and _compute(cfg, "bfloat16").attention == "cudnn"
+    assert _compute(cfg, "float32").dtype == "float32"

@@ -6,6 +6,7 @@ exit code or exception, its one-line message and, where nothing may change, a sn
 """
 
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import io
@@ -218,6 +219,16 @@ def test_cached_eval_results_belong_to_the_params_they_were_computed_from(lin, c
     # Another seq_len is another measurement.
     rc, out, _ = run_eval([*args, "train.seq_len=16"])
     assert rc == 0 and "v0 on tiny: loss" in out
+
+
+def test_a_version_trained_with_cudnn_attention_is_evaluated_on_a_machine_without_gpus(lin, corpus, tmp_path):
+    # cuDNN is how the version was trained on GPUs, not what it computes; reading it elsewhere must not fail
+    # deep inside JAX ("cuDNN is not detected").
+    Lineage(lin).publish("gpu", params(2), dataclasses.replace(CFG, attention="cudnn", dtype="bfloat16"),
+                         ByteTokenizer(), parents=[])
+    rc, out, err = run_eval(eval_args(lin, corpus, tmp_path, "--versions", "gpu"))
+    assert rc == 0 and "gpu on tiny: loss" in out, err
+    assert Lineage(lin).record("gpu")["model"]["attention"] == "cudnn"  # the record still says how
 
 
 @pytest.mark.parametrize("damage, why", [
