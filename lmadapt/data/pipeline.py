@@ -35,7 +35,7 @@ from lmadapt.data.batch import Batch
 from lmadapt.data.mixture import Phase, Plan, assign_slots, mixture_weight, replay_schedule
 from lmadapt.data.packing import PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
-from lmadapt.data.token_cache import TokenizedSource, tokenize_source
+from lmadapt.data.token_cache import Staged, TokenizedSource, tokenize_source
 from lmadapt.data.tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
@@ -276,8 +276,26 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
     reads = {s.name: read_source(s, data.decode_errors, data.max_document_bytes) for s, _ in new + old}
     if tokenizer is None:
         tokenizer = resolve_tokenizer(tok_cfg, {s.name: reads[s.name] for s, _ in new}, data.cache_dir)
+    stores: list[Staged] = []  # cache entries written aside, committed once every source has packed
+    try:
+        components, val, described = _build_components(data, new, old, reads, tokenizer, batch_size, seq_len,
+                                                        stores, log)
+    except BaseException:
+        for store in stores:
+            store.abort()
+        raise
+    for store in stores:
+        store()
+    phases = replay_schedule(r.fraction, r.final_fraction, r.phases, steps)
+    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases)
+
+
+def _build_components(data: DataConfig, new: list, old: list, reads: dict[str, SourceRead], tokenizer: Tokenizer,
+                      batch_size: int, seq_len: int, stores: list[Staged],
+                      log: Callable[[str], None] | None) -> tuple[list[Component], dict, dict]:
+    """Tokenize (or load) and pack each source into its training component and held-out rows."""
+    r = data.replay
     components, val, described = [], {}, {}
-    stores: list[Callable[[], None]] = []  # cache writes, done once every source has packed
     for src, replay in new + old:
         tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, pending=stores)
         train_rows, val_rows = _pack_source(src, tokenized, data, tokenizer, batch_size, seq_len)
@@ -291,10 +309,7 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
                                "replaced_chars": tokenized.replaced_chars, "cache_hit": tokenized.cache_hit, **stats}
         if log:
             log(_summary(src.name, described[src.name], data.long_docs))
-    for store in stores:
-        store()
-    phases = replay_schedule(r.fraction, r.final_fraction, r.phases, steps)
-    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases)
+    return components, val, described
 
 
 def _pack_source(src: SourceConfig, tokenized: TokenizedSource, data: DataConfig, tokenizer: Tokenizer,

@@ -7,8 +7,10 @@ name and version); it keys the token cache and goes into the record of every mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
+import functools
 import glob
 import gzip
 import hashlib
@@ -17,7 +19,8 @@ import lzma
 import os
 import re
 import sysconfig
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from lmadapt.config import SourceConfig
 from lmadapt.data import DataError
@@ -32,13 +35,49 @@ class Document:
     prompt: str | None = None
 
 
-@dataclasses.dataclass
 class SourceRead:
-    """What reading a source produced: documents, a fingerprint, and counted anomalies."""
+    """A source's fingerprint, known at once; its documents when asked for, file by file.
 
-    documents: list[Document]
-    fingerprint: dict[str, Any]
-    replaced_chars: int = 0  # undecodable bytes replaced with U+FFFD (decode_errors: replace)
+    The fingerprint (each file's size and hash) is streamed, so a run whose tokens are cached never holds the
+    text, and `iter_documents` holds one file's text at a time: memory follows the largest file, not the
+    corpus. `replaced_chars`: undecodable bytes replaced with U+FFFD, counted as the files are decoded.
+    """
+
+    def __init__(self, documents: list[Document] | None, fingerprint: dict[str, Any], replaced_chars: int = 0, *,
+                 files: Callable[[], Iterator[tuple[list[Document], int]]] | None = None,
+                 decode_errors: str = "replace"):
+        self.fingerprint, self.decode_errors = fingerprint, decode_errors
+        self._documents, self._files = documents, files
+        self._replaced: int | None = replaced_chars if documents is not None else None
+
+    @property
+    def loaded(self) -> bool:
+        return self._documents is not None
+
+    def iter_documents(self) -> Iterator[Document]:
+        """Every document in order; once through, `replaced_chars` is known without keeping the text."""
+        if self._documents is not None:
+            yield from self._documents
+            return
+        assert self._files is not None
+        replaced = 0
+        for docs, bad in self._files():
+            replaced += bad
+            yield from docs
+        self._replaced = replaced
+
+    @property
+    def documents(self) -> list[Document]:
+        if self._documents is None:
+            self._documents = list(self.iter_documents())
+        return self._documents
+
+    @property
+    def replaced_chars(self) -> int:
+        if self._replaced is None:
+            self.documents  # noqa: B018 - counted while decoding
+        assert self._replaced is not None
+        return self._replaced
 
 
 def list_files(pattern: str, what: str) -> list[str]:
@@ -112,19 +151,34 @@ def _glob_match(names: list[str], parts: list[str]) -> bool:
             and fnmatch.fnmatchcase(names[0], parts[0]) and _glob_match(names[1:], parts[1:]))
 
 
-def read_bytes(path: str) -> bytes:
-    """Raw bytes of a plain, .gz or .xz file; a pipe, device or folder is refused without being opened."""
+@contextlib.contextmanager
+def _content(path: str) -> Iterator[BinaryIO]:
+    """The (decompressed) content of a plain, .gz or .xz file; a pipe, device or folder is refused unopened."""
     with open_regular(path, DataError) as raw:
         try:
-            if path.endswith(".xz"):
-                with lzma.open(raw, "rb") as f:
-                    return f.read()
-            if path.endswith(".gz"):
-                with gzip.open(raw, "rb") as f:
-                    return f.read()
-            return raw.read()
+            if path.endswith((".xz", ".gz")):
+                with (lzma.open(raw, "rb") if path.endswith(".xz") else gzip.open(raw, "rb")) as f:
+                    yield f
+            else:
+                yield raw
         except (OSError, lzma.LZMAError, EOFError) as e:
             raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def read_bytes(path: str) -> bytes:
+    """Raw bytes of a plain, .gz or .xz file; a pipe, device or folder is refused without being opened."""
+    with _content(path) as f:
+        return f.read()
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """A file's path, content size and sha256, streamed in 1 MiB pieces (memory independent of its size)."""
+    digest, size = hashlib.sha256(), 0
+    with _content(path) as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+            size += len(piece)
+    return {"path": os.path.abspath(path), "bytes": size, "sha256": digest.hexdigest()}
 
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 2**20  # data.max_document_bytes
@@ -147,10 +201,6 @@ def decode(raw: bytes, path: str, policy: str) -> tuple[str, int]:
                             f"count such bytes)") from None
     text = raw.decode("utf-8", errors="replace")
     return text, text.count("\ufffd") - raw.count("\ufffd".encode())
-
-
-def file_fingerprint(path: str, raw: bytes) -> dict[str, Any]:
-    return {"path": os.path.abspath(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def split_documents(text: str, rule: str, max_chars: int) -> list[str]:
@@ -182,24 +232,36 @@ def read_source(src: SourceConfig, decode_errors: str = "replace",
     if src.kind == "tfds":
         return _read_tfds(src, what)
     files = list_files(src.path or "", what)
-    docs: list[Document] = []
-    prints, replaced = [], 0
-    for path in files:
+    prints = [file_digest(path) for path in files]
+    fingerprint = {"kind": src.kind, "files": prints, **_reading_rule(src)}
+    stream = functools.partial(_file_documents, src, what, files, prints, decode_errors, max_document_bytes)
+    return SourceRead(None, fingerprint, files=stream, decode_errors=decode_errors)
+
+
+def _file_documents(src: SourceConfig, what: str, files: list[str], prints: list[dict[str, Any]],
+                    decode_errors: str, max_document_bytes: int) -> Iterator[tuple[list[Document], int]]:
+    """Each file's documents and replaced-byte count, in order; an error if no file holds a document."""
+    found_any = False
+    for path, seen in zip(files, prints, strict=True):
         raw = read_bytes(path)
-        prints.append(file_fingerprint(path, raw))
+        if len(raw) != seen["bytes"] or hashlib.sha256(raw).hexdigest() != seen["sha256"]:
+            raise DataError(f"{what}: {path} changed while it was being read (its content differs from a moment "
+                            f"before); run again once it is written")
         text, bad = decode(raw, path, decode_errors)
-        replaced += bad
+        size = len(raw)
+        del raw  # one file's text in memory at a time, not its bytes too
         if src.kind == "text":
             found = split_documents(text, src.documents, src.max_chars)
-            if len(raw) > max_document_bytes:  # else no document can be over the limit: skip the count
+            if size > max_document_bytes:  # else no document can be over the limit: skip the count
                 _check_sizes(found, text, path, max_document_bytes)
-            docs.extend(Document(d) for d in found)
+            docs = [Document(d) for d in found]
         else:
-            docs.extend(_jsonl_documents(text, path, src, max_document_bytes))
-    if not docs:
+            docs = _jsonl_documents(text, path, src, max_document_bytes)
+        del text
+        found_any = found_any or bool(docs)
+        yield docs, bad
+    if not found_any:
         raise DataError(f"{what}: {src.path!r} holds no documents (all files empty)")
-    fingerprint = {"kind": src.kind, "files": prints, **_reading_rule(src)}
-    return SourceRead(docs, fingerprint, replaced)
 
 
 def _reading_rule(src: SourceConfig) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 import gzip
 import json
 import lzma
+import os
 
 import numpy as np
 import pytest
 
 from lmadapt.config import DataConfig, ReplayConfig, SourceConfig, TokenizerConfig
-from lmadapt.data import DataError, pipeline
+from lmadapt.data import DataError, pipeline, sources
 from lmadapt.data.pipeline import assign_slots, build_pipeline
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
@@ -245,6 +246,35 @@ def test_undecodable_bytes_replace_and_count_or_fail(tmp_path):
     assert p.describe()["sources"]["x"]["replaced_chars"] == 300
 
 
+def test_a_cache_hit_never_reads_the_text_and_keeps_its_counts(tmp_path, monkeypatch):
+    # What keeps a cached run's memory independent of the corpus (issue 20): tokens memory-mapped, text unread.
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(("caf\xe9 au lait\n\n" * 300).encode("latin-1"))
+    cfg = data_config(tmp_path, [source("x", path)])
+    first = make(cfg)
+
+    def unread(where):
+        raise AssertionError(f"{where} was read whole on a cache hit")
+
+    monkeypatch.setattr(sources, "read_bytes", unread)
+    again = make(cfg)
+    described = again.describe()["sources"]["x"]
+    assert described["cache_hit"] and described["replaced_chars"] == 300
+    assert batches_equal(again.batch(3), first.batch(3))
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 at byte 3"):  # strict: the cache cannot vouch
+        make(data_config(tmp_path, [source("x", path)], decode_errors="fail"))
+
+
+def test_a_file_that_changes_while_it_is_read_is_named(tmp_path):
+    path = tmp_path / "a.txt"
+    write_corpus(path, 50, 0)
+    read = sources.read_source(source("x", path))
+    write_corpus(path, 60, 1)  # after its fingerprint, before its text: the cache key would not name the text
+    with pytest.raises(DataError, match=r"source 'x': .*a.txt changed while it was being read"):
+        read.documents  # noqa: B018
+
+
 def test_jsonl_line_that_is_not_json(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n', encoding="utf-8")
@@ -274,3 +304,31 @@ def test_single_document_source_cannot_hold_out(tmp_path):
     (tmp_path / "one.txt").write_text("word " * 5000, encoding="utf-8")
     bad(tmp_path, source("x", tmp_path / "one.txt", documents="file"),
         r"source 'x' has 1 document; a held-out split needs at least 2")
+
+
+@pytest.mark.parametrize("prompted_from", [0, 300, None])  # prompts from the start, midway (weights filled in), never
+def test_streamed_tokens_equal_the_reference_in_memory_and_on_disk(tmp_path, prompted_from):
+    from lmadapt.data.sources import Document, SourceRead
+    from lmadapt.data.token_cache import tokenize_source
+    from lmadapt.data.tokenizers import ByteTokenizer
+
+    rng = np.random.default_rng(0)
+    docs = [Document("".join(rng.choice(list("ab \n\té"), rng.integers(0, 40))),
+                     prompt=None if prompted_from is None or i < prompted_from else "q" * int(rng.integers(0, 5)))
+            for i in range(700)]  # more than one encode chunk
+    tok = ByteTokenizer()
+    ids = [[tok.bos_id] * (tok.bos_id >= 0) + list((d.prompt or "").encode()) + list(d.text.encode()) + [tok.eos_id]
+           for d in docs]
+    context = [(tok.bos_id >= 0) + len((d.prompt or "").encode()) for d in docs]
+    supervised = prompted_from is not None
+    ref_w = np.concatenate([np.r_[np.zeros(c, np.uint8), np.ones(len(i) - c, np.uint8)]
+                            for i, c in zip(ids, context, strict=True)])
+    cache = str(tmp_path / "cache")
+    for where, hit in ((None, False), (cache, False), (cache, True)):  # memory, disk (cold), disk (hit)
+        got = tokenize_source("x", SourceRead(docs, {"n": 1}), tok, where)
+        np.testing.assert_array_equal(got.tokens, np.concatenate([np.asarray(i) for i in ids]))
+        np.testing.assert_array_equal(np.diff(got.doc_starts), [len(i) for i in ids])
+        assert (got.weights is not None) == supervised and got.cache_hit == hit
+        if supervised:
+            np.testing.assert_array_equal(got.weights, ref_w)
+    assert [n for n in os.listdir(tmp_path / "cache" / "tokens") if n.startswith(".")] == []  # nothing left aside
