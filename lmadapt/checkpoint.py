@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -53,7 +54,16 @@ class Checkpointer:
             for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        for attempt in range(5):
+            try:
+                self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+                break
+            except FileNotFoundError:
+                # A reader beside a live run: the run deleted an old checkpoint (checkpoint.keep) between
+                # Orbax listing the steps and reading their times (seen in the fault suite). List again.
+                if not read_only or attempt == 4:
+                    raise
+                time.sleep(0.2)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""

@@ -1,5 +1,6 @@
 """Two local processes (jax.distributed on 127.0.0.1, CPU collectives) train like one process."""
 
+import lzma
 import os
 import re
 import signal
@@ -69,12 +70,20 @@ class Pair:
 
 
 def test_pair_matches_one_process_and_resumes_after_a_peer_is_killed(tmp_path):
-    """The pair trains exactly like one process on the same 8 devices. Issue 8: a process of the pair killed
+    """The pair trains exactly like one process on the same 8 devices, each process reading its half of the corpus
+    (data.readers=2). Issue 8: a process of the pair killed
     mid-run makes the other exit promptly (exit 3) with one clear line instead of waiting on the dead peer;
     the restarted pair resumes from the last checkpoint and retraces the interrupted run's losses exactly.
     (One test: every pair start-up costs two JAX imports and compilations on the 2 CI cores.)"""
     run = tmp_path / "run"
-    args = [*common(run), "train.steps=8", "checkpoint.every=4", "eval.every=0", "distributed.heartbeat_timeout=10"]
+    # Issue 20: the corpus in 4 files read by 2 readers, so each process of the pair reads only its files.
+    with lzma.open(os.path.join(ROOT, "data", "shakespeare.txt.xz"), "rt", encoding="utf-8") as f:
+        text = f.read().split("\n")
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"part{i}.txt").write_text("\n".join(text[i::4]), encoding="utf-8")
+    args = [*common(run), "train.steps=8", "checkpoint.every=4", "eval.every=0", "distributed.heartbeat_timeout=10",
+            f"data.sources.0.path={tmp_path / 'corpus'}", "data.readers=2"]
     single = run_cmd(["train.py", *[a.replace(f"run.dir={run}", f"run.dir={tmp_path / 'single'}") for a in args]],
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert single.returncode == 0, single.stderr[-3000:]

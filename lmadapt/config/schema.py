@@ -221,6 +221,13 @@ class DataConfig(_Frozen):
     # One document (or JSONL line) larger than this is refused by name: a file that is one giant line is
     # more likely a mistake (a dump, a minified blob) than text, and it would be held whole in memory.
     max_document_bytes: int = 64 * 2**20
+    # Processes that tokenize a source's uncached files, one file each at a time (0: one per core once 64 MB
+    # or more is to be encoded, else this process). The tokens are the same whatever the count.
+    workers: int = 0
+    # Read the corpus in this many parts (as many as the job's processes, or a multiple): each source's files
+    # are dealt to the readers and block g of every batch comes from reader g's files, so a process reads only
+    # the files of its rows. Batches depend on it (never on the process count); 1: one reader, as before.
+    readers: int = 1
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from lmadapt.data.batch import Batch
+from lmadapt.data.shards import ShardedArray, range_sums
 
 
 @dataclasses.dataclass
@@ -28,8 +29,8 @@ class PackStats:
 class PackedRows:
     """Rows of one split of one source. Row r holds pieces `order[row_offsets[r]:row_offsets[r + 1]]`."""
 
-    tokens: np.ndarray
-    weights: np.ndarray | None
+    tokens: np.ndarray | ShardedArray
+    weights: np.ndarray | ShardedArray | None
     piece_start: np.ndarray  # int64: first input token of each piece in `tokens`
     piece_len: np.ndarray  # int64: number of (input, target) pairs
     row_offsets: np.ndarray  # int64 [n_rows + 1] into the pieces (already in packing order)
@@ -51,8 +52,7 @@ class PackedRows:
         if self.weights is None:
             per_piece = self.piece_len
         else:
-            cum = np.concatenate([[0], np.cumsum(self.weights, dtype=np.int64)])
-            per_piece = cum[self.piece_start + self.piece_len + 1] - cum[self.piece_start + 1]
+            per_piece = range_sums(self.weights, self.piece_start + 1, self.piece_start + self.piece_len + 1)
         cum_rows = np.concatenate([[0], np.cumsum(per_piece, dtype=np.int64)])
         return cum_rows[self.row_offsets[1:]] - cum_rows[self.row_offsets[:-1]]
 
@@ -72,8 +72,9 @@ class PackedRows:
             col = 0
             for seg, (start, n) in enumerate(self.row_pieces(r), start=1):
                 span = slice(col, col + n)
-                out["tokens"][i, span] = self.tokens[start:start + n]
-                out["targets"][i, span] = self.tokens[start + 1:start + n + 1]
+                piece = self.tokens[start:start + n + 1]  # one slice: inputs and their targets
+                out["tokens"][i, span] = piece[:-1]
+                out["targets"][i, span] = piece[1:]
                 out["positions"][i, span] = np.arange(n)
                 out["segment_ids"][i, span] = seg
                 out["loss_mask"][i, span] = 1.0 if self.weights is None else self.weights[start + 1:start + n + 1]
@@ -109,18 +110,20 @@ def next_fit(piece_len: np.ndarray, seq_len: int) -> np.ndarray:
     """Row offsets packing pieces in order: a piece opens a new row when the current one cannot hold it."""
     offsets = [0]
     used = 0
-    for i, n in enumerate(piece_len.tolist()):
-        if used + n > seq_len:
-            offsets.append(i)
-            used = 0
-        used += n
+    for lo in range(0, len(piece_len), 1 << 16):  # a list of a block at a time: not one of every piece
+        for i, n in enumerate(piece_len[lo:lo + (1 << 16)].tolist(), start=lo):
+            if used + n > seq_len:
+                offsets.append(i)
+                used = 0
+            used += n
     if len(piece_len):
         offsets.append(len(piece_len))
     return np.asarray(offsets, np.int64)
 
 
-def pack(tokens: np.ndarray, weights: np.ndarray | None, doc_starts: np.ndarray, doc_ids: np.ndarray, seq_len: int,
-         pad_id: int, long_docs: str = "split", shuffle_seed: int | None = None) -> PackedRows:
+def pack(tokens: np.ndarray | ShardedArray, weights: np.ndarray | ShardedArray | None, doc_starts: np.ndarray,
+         doc_ids: np.ndarray, seq_len: int, pad_id: int, long_docs: str = "split",
+         shuffle_seed: int | None = None) -> PackedRows:
     """Pack documents `doc_ids` into rows; with `shuffle_seed`, pieces are shuffled once before packing."""
     piece_start, piece_len, stats = make_pieces(doc_starts, doc_ids, seq_len, long_docs)
     if shuffle_seed is not None:

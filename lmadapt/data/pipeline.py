@@ -32,10 +32,12 @@ import numpy as np
 from lmadapt.config import DataConfig, SourceConfig, TokenizerConfig
 from lmadapt.data import DataError
 from lmadapt.data.batch import Batch
+from lmadapt.data.corpus_files import DigestMemo
 from lmadapt.data.mixture import Phase, Plan, assign_slots, mixture_weight, replay_schedule
 from lmadapt.data.packing import PackedRows, pack
 from lmadapt.data.sources import SourceRead, read_source
-from lmadapt.data.token_cache import Staged, TokenizedSource, tokenize_source
+from lmadapt.data.token_cache import TokenizedSource, tokenize_source
+from lmadapt.data.tokenize_workers import WorkerError
 from lmadapt.data.tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
@@ -46,6 +48,7 @@ from lmadapt.data.tokenizers import (
     train_bpe,
     train_sentencepiece,
 )
+from lmadapt.data.written import Written
 
 
 @dataclasses.dataclass
@@ -59,6 +62,7 @@ class Component:
     source_weight: float = 1.0  # the configured weight, relative to its group's (training or replay) sources
     _perms: OrderedDict = dataclasses.field(default_factory=OrderedDict, repr=False)
     _seed: int = 0
+    salt: str = ""  # data.readers: each reader draws its rows in its own order
 
     def __post_init__(self) -> None:
         self.loss_tokens = self.rows.row_loss_tokens()
@@ -75,7 +79,7 @@ class Component:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            rng = np.random.default_rng([self._seed, zlib.crc32(self.name.encode()), epoch])
+            rng = np.random.default_rng([self._seed, zlib.crc32((self.name + self.salt).encode()), epoch])
             self._perms[epoch] = rng.permutation(self.rows.n_rows)
             if len(self._perms) > 4:
                 self._perms.popitem(last=False)
@@ -223,7 +227,8 @@ def split_documents(n_docs: int, val_fraction: float, seed: int, name: str) -> t
 TRAINED_TOKENIZER_VERSION = 2
 
 
-def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_dir: str | None) -> Tokenizer:
+def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_dir: str | None,
+                      written: Written | None = None) -> Tokenizer:
     """The run's tokenizer: bytes, a given file, or one trained on the sources (cached by settings and sources)."""
     if cfg.kind == "bytes":
         return ByteTokenizer()
@@ -244,9 +249,11 @@ def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_
             return load_tokenizer(path)
         except TokenizerError:
             pass  # a damaged cache entry: train again and replace it
-    texts = (d.text if d.prompt is None else d.prompt + d.text for r in reads.values() for d in r.documents)
+    texts = (d.text if d.prompt is None else d.prompt + d.text for r in reads.values() for d in r.iter_documents())
     tok = train_sentencepiece(texts, **settings) if cfg.kind == "sentencepiece" else train_bpe(texts, **settings)
     if path:
+        if written is not None:
+            written.folders(os.path.dirname(path))
         tmp = f"{path}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -254,6 +261,8 @@ def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_
         shutil.rmtree(path, ignore_errors=True)
         try:
             os.rename(tmp, path)
+            if written is not None:
+                written.add(path)
         except OSError:  # another process cached the same tokenizer first: same settings, same tokenizer
             shutil.rmtree(tmp, ignore_errors=True)
     return tok
@@ -261,47 +270,60 @@ def resolve_tokenizer(cfg: TokenizerConfig, reads: dict[str, SourceRead], cache_
 
 def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, seq_len: int,
                    tokenizer: Tokenizer | None = None, log: Callable[[str], None] | None = None, *,
-                   steps: int | None = None, keep_replay: bool = False) -> DataPipeline:
+                   steps: int | None = None, keep_replay: bool = False, undo: bool = True) -> DataPipeline:
     """Read, tokenize (or load from cache), split and pack every source; weigh them into a mixture.
 
     `tokenizer` overrides `tok_cfg` (a run started from a model version keeps that version's tokenizer).
     `steps`: the run's length, over which data.replay.final_fraction is reached (without it, the mixture is
     data.replay.fraction throughout). `keep_replay`: build the replay sources even at fraction 0 (a
-    forgetting budget may raise it, and evaluates them).
+    forgetting budget may raise it, and evaluates them). `undo`: a run refused for its data removes what it
+    added to the cache (tools/prepare_data.py keeps the files it finished instead).
     """
     r = data.replay
     new = [(s, False) for s in data.sources]
     keep = r.fraction > 0 or (r.final_fraction or 0.0) > 0 or keep_replay
     old = [(s, True) for s in r.sources] if keep else []
-    reads = {s.name: read_source(s, data.decode_errors, data.max_document_bytes) for s, _ in new + old}
-    if tokenizer is None:
-        tokenizer = resolve_tokenizer(tok_cfg, {s.name: reads[s.name] for s, _ in new}, data.cache_dir)
-    stores: list[Staged] = []  # cache entries written aside, committed once every source has packed
+    written = Written()  # what this run adds to the cache: undone if its data is refused
+    memo = DigestMemo(os.path.join(os.path.expanduser(data.cache_dir), "files"), written) if data.cache_dir else None
     try:
-        components, val, described = _build_components(data, new, old, reads, tokenizer, batch_size, seq_len,
-                                                        stores, log)
-    except BaseException:
-        for store in stores:
-            store.abort()
+        reads = {s.name: read_source(s, data.decode_errors, data.max_document_bytes, memo) for s, _ in new + old}
+        if tokenizer is None:
+            tokenizer = resolve_tokenizer(tok_cfg, {s.name: reads[s.name] for s, _ in new}, data.cache_dir, written)
+        phases = replay_schedule(r.fraction, r.final_fraction, r.phases, steps)
+        if data.readers > 1:
+            from lmadapt.data.readers import build_readers  # noqa: PLC0415 - readers is built on this module
+
+            return build_readers(data, new, old, reads, tokenizer, batch_size, seq_len, written, log, phases)
+        components, val, described = build_components(data, new, old, reads, tokenizer, batch_size, seq_len,
+                                                       written, log)
+    except (DataError, TokenizerError) as e:  # refused for its data; an interrupt or a crash keeps the shards made
+        if undo and not isinstance(e, WorkerError):
+            written.undo()
         raise
-    for store in stores:
-        store()
-    phases = replay_schedule(r.fraction, r.final_fraction, r.phases, steps)
     return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases)
 
 
-def _build_components(data: DataConfig, new: list, old: list, reads: dict[str, SourceRead], tokenizer: Tokenizer,
-                      batch_size: int, seq_len: int, stores: list[Staged],
-                      log: Callable[[str], None] | None) -> tuple[list[Component], dict, dict]:
-    """Tokenize (or load) and pack each source into its training component and held-out rows."""
+def build_components(data: DataConfig, new: list, old: list, reads: dict[str, SourceRead], tokenizer: Tokenizer,
+                     batch_size: int, seq_len: int, written: Written, log: Callable[[str], None] | None,
+                     reader: Callable[[str, TokenizedSource, np.ndarray, np.ndarray], tuple] | None = None
+                     ) -> tuple[list[Component], dict, dict]:
+    """Tokenize (or load) and pack each source into its training component and held-out rows. `reader`: the
+    share of one reader of data.readers, (name, source, train ids, held-out ids) -> (its part, its train ids,
+    its held-out ids, its row-order salt)."""
     r = data.replay
     components, val, described = [], {}, {}
     for src, replay in new + old:
-        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, pending=stores)
-        train_rows, val_rows = _pack_source(src, tokenized, data, tokenizer, batch_size, seq_len)
+        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers, log)
+        train_ids, val_ids = split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)
+        salt = ""
+        if reader is not None:
+            tokenized, train_ids, val_ids, salt = reader(src.name, tokenized, train_ids, val_ids)
+        train_rows, val_rows = _pack_source(src, tokenized, train_ids, val_ids, data, tokenizer, batch_size, seq_len,
+                                            salt)
         total = sum(s.weight for s, _ in (old if replay else new))
         weight = mixture_weight(r.fraction, replay, bool(old), src.weight, total)
-        components.append(Component(src.name, train_rows, weight, replay, source_weight=src.weight, _seed=data.seed))
+        components.append(Component(src.name, train_rows, weight, replay, source_weight=src.weight, _seed=data.seed,
+                                    salt=salt))
         val[src.name] = val_rows
         stats = dataclasses.asdict(train_rows.stats)
         described[src.name] = {"weight": weight, "replay": replay, "fingerprint": tokenized.fingerprint,
@@ -312,18 +334,20 @@ def _build_components(data: DataConfig, new: list, old: list, reads: dict[str, S
     return components, val, described
 
 
-def _pack_source(src: SourceConfig, tokenized: TokenizedSource, data: DataConfig, tokenizer: Tokenizer,
-                 batch_size: int, seq_len: int) -> tuple[PackedRows, PackedRows]:
-    train_ids, val_ids = split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)
-    seed = [data.seed, zlib.crc32(src.name.encode())]
+def _pack_source(src: SourceConfig, tokenized: TokenizedSource, train_ids: np.ndarray, val_ids: np.ndarray,
+                 data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int,
+                 salt: str = "") -> tuple[PackedRows, PackedRows]:
+    seed = [data.seed, zlib.crc32((src.name + salt).encode())]
     args = (tokenized.tokens, tokenized.weights, tokenized.doc_starts)
     train_rows = pack(*args, train_ids, seq_len, tokenizer.pad_id, data.long_docs, shuffle_seed=seed)
     val_rows = pack(*args, val_ids, seq_len, tokenizer.pad_id, data.long_docs)
+    where = f"source {src.name!r}" + (f" (reader {salt[1:]} of data.readers)" if salt else "")
     if train_rows.n_rows < batch_size:
-        raise DataError(f"source {src.name!r} packs into {train_rows.n_rows} training rows of {seq_len} tokens, "
-                        f"fewer than one batch (train.batch_size={batch_size}); add data or use a smaller batch")
-    if val_rows.n_rows == 0:
-        raise DataError(f"source {src.name!r}: the held-out split is empty; raise data.val_fraction")
+        raise DataError(f"{where} packs into {train_rows.n_rows} training rows of {seq_len} tokens, fewer than one "
+                        f"batch ({'a reader' if salt else 'train.batch_size'}={batch_size}); add data or use a "
+                        f"smaller batch" + (" or fewer readers" if salt else ""))
+    if val_rows.n_rows == 0 and not salt:  # a reader's may be empty: the source's held-out set is not
+        raise DataError(f"{where}: the held-out split is empty; raise data.val_fraction")
     return train_rows, val_rows
 
 

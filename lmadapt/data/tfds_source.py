@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -44,6 +45,25 @@ def read_tfds_texts(name: str, split: str, feature: str, data_dir: str | None) -
                         "which needs TensorFlow to read; re-prepare it with file_format='array_record' "
                         "(e.g. `tfds build --file_format=array_record`) or install tensorflow")
     return texts, _fingerprint(info, split, feature, len(texts), split_info.filepaths)
+
+
+def open_tfds_texts(name: str, split: str, feature: str, data_dir: str | None
+                    ) -> tuple[int, dict, Callable[[int, int], list[str]]] | None:
+    """(record count, fingerprint, read(start, stop) -> those records' `feature`) of an ArrayRecord dataset, read
+    lazily by range; None for a dataset without random access (read whole with `read_tfds_texts`)."""
+    builder = _open_builder(name, data_dir)
+    info = builder.info
+    split_info = _split_info(info, split)
+    _check_feature(info, feature)
+    if not _has_random_access(info):
+        return None
+    source = _data_source(name, split, data_dir)
+    dataset = _describe(info)
+
+    def read(start: int, stop: int) -> list[str]:
+        return _texts(source, feature, dataset, start, stop)
+
+    return len(source), _fingerprint(info, split, feature, len(source), split_info.filepaths), read
 
 
 def split_sizes(name: str, data_dir: str | None) -> dict[str, int]:
@@ -165,12 +185,12 @@ def _data_source(name: str, split: str, data_dir: str | None):
                         f"{type(e).__name__}: {e}") from e
 
 
-def _texts(source, feature: str, dataset: str) -> list[str]:
-    """The feature of every record as str, reading in chunks."""
+def _texts(source, feature: str, dataset: str, first: int = 0, stop: int | None = None) -> list[str]:
+    """The feature of records [first, stop) (default: all) as str, reading in chunks."""
     texts: list[str] = []
-    n = len(source)
+    n = len(source) if stop is None else stop
     try:
-        for start in range(0, n, _READ_CHUNK):
+        for start in range(first, n, _READ_CHUNK):
             records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
             texts.extend(_as_str(r[feature], dataset, start + i) for i, r in enumerate(records))
     except DataError:

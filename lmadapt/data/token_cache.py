@@ -1,9 +1,12 @@
-"""Tokenized sources cached on disk, keyed by (source fingerprint, tokenizer fingerprint).
+"""Tokenized sources cached on disk: one shard per file, keyed by (file content, reading rule, tokenizer).
 
-A cache entry is a directory of `.npy` files (flat tokens, document offsets, per-token loss weights)
-read back memory-mapped with `allow_pickle=False`. Entries are written aside and renamed into place,
-so a crash never leaves a half entry, and concurrent writers (several hosts) simply race to the same
-content.
+A shard is a directory of `.npy` files (flat tokens, document offsets, and per-token loss weights where a
+document has a prompt) and a meta.json written last, read back memory-mapped with `allow_pickle=False`; a
+source's tokens are its files' shards in order (a `ShardedArray`: a shard's tokens are opened when first read).
+Each shard is written aside and renamed into place as soon as its file is encoded, so a run killed while
+tokenizing keeps what it finished and the next encodes only the rest; a changed file or another tokenizer misses
+only its own shards; writers on several hosts race to the same content. A run refused for its data undoes what
+it added (`Written`), so the cache is as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import array
 import contextlib
 import dataclasses
-import functools
+import fcntl
 import hashlib
 import itertools
 import json
@@ -19,16 +22,22 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from lmadapt.data.sources import Document, SourceRead
+from lmadapt.data import DataError
+from lmadapt.data.shards import ShardedArray
+from lmadapt.data.sources import Document, Documents, SourceRead, Unit
 from lmadapt.data.tokenizers import Tokenizer
+from lmadapt.data.written import Written
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: one entry per source
 _ENCODE_CHUNK = 256  # documents per encode call: bounded memory, still batched
+_ENCODE_CHARS = 1 << 21
+AUTO_WORKERS_BYTES = 64 * 2**20  # data.workers=0: worker processes once this much text is to be encoded
 
 
 @dataclasses.dataclass
@@ -36,74 +45,228 @@ class TokenizedSource:
     """One source as flat token ids; document d is `tokens[doc_starts[d]:doc_starts[d + 1]]`."""
 
     name: str
-    tokens: np.ndarray  # uint16 or uint32
+    tokens: np.ndarray | ShardedArray  # uint16 or uint32
     doc_starts: np.ndarray  # int64 [n_docs + 1]
-    weights: np.ndarray | None  # uint8 per token: 1 where the token is trained on; None means all
+    weights: np.ndarray | ShardedArray | None  # uint8 per token: 1 where the token is trained on; None: all
     fingerprint: dict[str, Any]
     replaced_chars: int = 0
-    cache_hit: bool = False
+    cache_hit: bool = False  # every shard was in the cache
+    encoded_files: int = 0  # shards this run encoded
+    unit_docs: list[int] | None = None  # documents of each file (from the cache: each file its shard)
+    unit_replaced: list[int] | None = None
 
     @property
     def n_docs(self) -> int:
         return len(self.doc_starts) - 1
 
+    def part(self, units: list[int]) -> tuple[TokenizedSource, np.ndarray]:
+        """Files `units` (indices, in order) as a source of their own, and the source-wide ids of its documents;
+        nothing is read (document offsets are already here, tokens are read when sliced)."""
+        if not isinstance(self.tokens, ShardedArray) or self.unit_docs is None or self.unit_replaced is None:
+            raise ValueError("only a source read from the token cache has parts")
+        off = np.concatenate([[0], np.cumsum(self.unit_docs, dtype=np.int64)])
+        ids = np.concatenate([np.arange(off[u], off[u + 1]) for u in units] or [np.zeros(0, np.int64)])
+        starts, base = [np.zeros(1, np.int64)], 0
+        for u in units:
+            local = self.doc_starts[off[u]:off[u + 1] + 1] - self.doc_starts[off[u]]
+            starts.append(local[1:] + base)
+            base += int(local[-1])
+        weights = self.weights.subset(units) if isinstance(self.weights, ShardedArray) else None
+        return dataclasses.replace(self, tokens=self.tokens.subset(units), doc_starts=np.concatenate(starts),
+                                   weights=weights, replaced_chars=sum(self.unit_replaced[u] for u in units),
+                                   unit_docs=[self.unit_docs[u] for u in units],
+                                   unit_replaced=[self.unit_replaced[u] for u in units]), ids.astype(np.int64)
 
-def cache_key(read: SourceRead, tokenizer: Tokenizer) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "source": read.fingerprint, "tokenizer": tokenizer.fingerprint},
-                      sort_keys=True)
+
+def shard_key(unit: Unit, tokenizer: Tokenizer) -> str:
+    """A shard's name: its file's content and reading rule, the tokenizer, and the cache format."""
+    blob = json.dumps({"format": CACHE_FORMAT, "unit": unit.key, "tokenizer": tokenizer.fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
 def tokenize_source(name: str, read: SourceRead, tokenizer: Tokenizer, cache_dir: str | None,
-                    pending: list[Callable[[], None]] | None = None) -> TokenizedSource:
-    """Tokens of every document of `read`, from the cache when it holds them, else encoded and stored.
+                    written: Written | None = None, workers: int = 1,
+                    log: Callable[[str], None] | None = None) -> TokenizedSource:
+    """Tokens of every document of `read`: each file's shard from the cache, else encoded (by `workers`
+    processes; 0: one per core once there are AUTO_WORKERS_BYTES to encode) and stored as it finishes.
 
-    Encoding streams: documents come file by file and their tokens go to the entry's files (written aside,
-    memory-mapped back), so memory holds one file's text and one chunk's tokens, not the source. With
-    `pending`, the entry's commit (a `Staged`: call it to rename the entry into place, `.abort()` to drop it)
-    is appended to it instead of done now: the caller commits once every source is known to be usable, so a
-    run refused for its data leaves nothing behind.
+    Memory holds one file's text and one chunk's tokens per process, never the source. Without `cache_dir` the
+    tokens are encoded into memory. What this adds to the cache is recorded in `written` (for an undo).
     """
-    key = cache_key(read, tokenizer)
-    entry = os.path.join(os.path.expanduser(cache_dir), "tokens", key) if cache_dir else None
-    if entry and os.path.isfile(os.path.join(entry, "meta.json")):
-        return _load(entry, name, read)
-    if entry is None:
+    if not cache_dir:
         sink = _Sink(None, tokenizer)
         _encode(read.iter_documents(), tokenizer, sink)
         tokens, starts, weights = sink.arrays()
         return TokenizedSource(name, tokens, starts, weights, read.fingerprint, read.replaced_chars)
-    made, folder = [], os.path.dirname(entry)
-    while not os.path.isdir(folder):  # the folders this creates, which an abort removes again
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    os.makedirs(os.path.dirname(entry), exist_ok=True)
-    staged = Staged(tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry)), entry, made)
-    try:
-        sink = _Sink(staged.tmp, tokenizer)
-        _encode(read.iter_documents(), tokenizer, sink)
+    root = os.path.join(os.path.expanduser(cache_dir), "tokens")
+    entries = [os.path.join(root, shard_key(u, tokenizer)) for u in read.units]
+    todo = {e: u for u, e in zip(read.units, entries, strict=True) if _meta(e) is None}  # a file twice: once
+    written = written if written is not None else Written()
+    if todo:
+        written.folders(root)
+        sweep(root)
+        n = _worker_count(workers, list(todo.values()))
+        if log:
+            mb = sum(u.size for u in todo.values()) / 1e6
+            log(f"data {name}: tokenizing {len(todo)} of {len(entries)} files ({mb:,.1f} MB)"
+                + (f" in {n} processes" if n > 1 else ""))
+        if n > 1:
+            from lmadapt.data.tokenize_workers import run_workers  # noqa: PLC0415 - only for a large corpus
+
+            run_workers(list(todo.items()), tokenizer, n, root, written)
+        else:
+            for entry, unit in todo.items():
+                if write_shard(unit.read(), unit, tokenizer, entry):
+                    written.add(entry)
+    return _assemble(name, read, entries, tokenizer, encoded=len(todo))
+
+
+def _worker_count(workers: int, units: list[Unit]) -> int:
+    if any(u.job is None for u in units):
+        return 1
+    if workers == 0:
+        big = sum(u.size for u in units) >= AUTO_WORKERS_BYTES
+        workers = len(os.sched_getaffinity(0)) if big else 1
+    return max(1, min(workers, len(units)))
+
+
+def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokenizer, entry: str) -> bool:
+    """Encode `docs` into the shard `entry` (written aside, renamed into place); whether this call made it
+    (False: another writer's identical shard was there first)."""
+    with staging(os.path.dirname(entry)) as tmp:
+        sink = _Sink(tmp, tokenizer)
+        _encode(docs, tokenizer, sink)
         tokens, starts, weights = sink.arrays()
-    except BaseException:
-        staged.abort()
-        raise
-    staged.meta = {"name": name, "fingerprint": read.fingerprint, "tokenizer": tokenizer.fingerprint,
-                   "replaced_chars": read.replaced_chars}
-    if pending is None:
-        staged()
-    else:
-        pending.append(staged)
-    return TokenizedSource(name, tokens, starts, weights, read.fingerprint, read.replaced_chars)
+        key = unit.key if isinstance(unit, Unit) else unit
+        meta = {"unit": key, "tokenizer": tokenizer.fingerprint, "docs": len(starts) - 1, "tokens": len(tokens),
+                "weights": weights is not None, "replaced_chars": docs.replaced, "dtype": str(tokens.dtype)}
+        del tokens, weights  # the memory maps, before the rename
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)  # written last: its presence marks a complete shard
+        if os.path.isdir(entry) and _meta(entry) is None:
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged shard (no readable meta.json): replaced
+        unlock_name(tmp)
+        try:
+            os.rename(tmp, entry)
+            return True
+        except OSError:
+            if _meta(entry) is None:
+                raise
+            return False
+
+
+_TMP = ".tmp-"
+_LOCK = ".lock"
+_ORPHAN_S = 3600  # a staging folder without its lock file (its writer died before taking it) this old: swept
+
+
+@contextlib.contextmanager
+def staging(folder: str) -> Iterator[str]:
+    """A staging folder in `folder`, held under an exclusive flock while it is written: `sweep` removes only
+    folders whose lock it can take, whose writer is gone, whatever host or PID namespace it ran in. Before
+    renaming it into place, the writer removes the lock file (`unlock_name`); its lock is held to the end."""
+    tmp = tempfile.mkdtemp(prefix=_TMP, dir=folder)
+    lock = open(os.path.join(tmp, _LOCK), "w")  # noqa: SIM115 - held until the folder is gone
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
+
+
+def unlock_name(tmp: str) -> None:
+    """Remove a staging folder's lock file before it is renamed into place (the lock itself stays held)."""
+    os.remove(os.path.join(tmp, _LOCK))
+
+
+def sweep(root: str) -> None:
+    """Remove staging folders whose writer is gone (killed mid-shard): their lock can be taken. A live writer's,
+    on this host or another, is left alone; so is one without a lock file unless it is an hour old."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if not name.startswith(_TMP):
+            continue
+        try:
+            fd = os.open(os.path.join(path, _LOCK), os.O_RDWR)
+        except FileNotFoundError:  # being renamed into place, or its writer died before locking
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) > _ORPHAN_S:
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # held: its writer is at work
+        finally:
+            os.close(fd)
+
+
+def _meta(entry: str) -> dict[str, Any] | None:
+    """A shard's meta.json, or None when it is missing or unreadable (the shard is then encoded again)."""
+    try:
+        with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and all(isinstance(meta.get(k), int) for k in ("docs", "tokens", "replaced_chars"))
+    return meta if ok else None
+
+
+def _assemble(name: str, read: SourceRead, entries: list[str], tokenizer: Tokenizer, encoded: int) -> TokenizedSource:
+    """The source from its shards: document offsets read now (8 bytes a document), tokens when first sliced."""
+    metas = [_meta(e) for e in entries]
+    if any(m is None for m in metas):
+        raise DataError(f"token cache: shard {entries[metas.index(None)]} is unreadable after writing it")
+    replaced = 0
+    for unit, meta in zip(read.units, metas, strict=True):
+        if meta["replaced_chars"] and read.decode_errors == "fail":
+            for _ in unit.read():  # raises the error naming file and byte
+                pass
+        replaced += meta["replaced_chars"]
+    if not sum(m["docs"] for m in metas):
+        raise DataError(read.empty)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+    lengths = [m["tokens"] for m in metas]
+    tokens = ShardedArray([os.path.join(e, "tokens.npy") for e in entries], lengths, dtype)
+    weights = None
+    if any(m["weights"] for m in metas):
+        weights = ShardedArray([os.path.join(e, "weights.npy") if m["weights"] else None
+                                for e, m in zip(entries, metas, strict=True)], lengths, np.uint8, fill=1)
+    starts = [np.zeros(1, np.int64)]
+    for base, e in zip(tokens.bases[:-1].tolist(), entries, strict=True):
+        starts.append(np.load(os.path.join(e, "doc_starts.npy"), allow_pickle=False)[1:] + base)
+    return TokenizedSource(name, tokens, np.concatenate(starts), weights, read.fingerprint, replaced,
+                           cache_hit=encoded == 0, encoded_files=encoded, unit_docs=[m["docs"] for m in metas],
+                           unit_replaced=[m["replaced_chars"] for m in metas])
 
 
 def _encode(docs: Iterable[Document], tokenizer: Tokenizer, sink: _Sink) -> None:
-    """bos (if any) + prompt + text + eos of every document into `sink`, `_ENCODE_CHUNK` documents an encode call
+    """bos (if any) + prompt + text + eos of every document into `sink`, a chunk of documents an encode call
     (bounded memory, still batched: the tokenizers encode a list on all cores)."""
-    for chunk in iter(functools.partial(lambda it: list(itertools.islice(it, _ENCODE_CHUNK)), iter(docs)), []):
+    for chunk in _chunks(docs):
         bodies = tokenizer.encode([d.text for d in chunk])
         supervised = any(d.prompt is not None for d in chunk)
         prompts = tokenizer.encode([d.prompt or "" for d in chunk]) if supervised else [[] for _ in chunk]
         sink.append([sink.head + p + b + [tokenizer.eos_id] for p, b in zip(prompts, bodies, strict=True)],
                     [len(p) for p in prompts] if supervised else None)
+
+
+def _chunks(docs: Iterable[Document]) -> Iterable[list[Document]]:
+    """`_ENCODE_CHUNK` documents at a time, fewer once they hold `_ENCODE_CHARS` characters: a few long documents
+    would otherwise make one call hold their tokens several times over (as Python ints, about 36 bytes each)."""
+    chunk, size = [], 0
+    for d in docs:
+        chunk.append(d)
+        size += len(d.text) + len(d.prompt or "")
+        if len(chunk) >= _ENCODE_CHUNK or size >= _ENCODE_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 class _Sink:
@@ -177,51 +340,3 @@ class _Column:
         self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1"))
         self.file.close()
         return np.load(self.path, mmap_mode="r", allow_pickle=False)
-
-
-class Staged:
-    """A cache entry written aside: calling it renames it into place (a racing writer's identical entry wins);
-    `abort()` removes it, and the folders `made` for it, so a refused run leaves the cache as it was."""
-
-    def __init__(self, tmp: str, entry: str, made: list[str]):
-        self.tmp, self.entry, self.made, self.meta = tmp, entry, made, {}
-
-    def __call__(self) -> None:
-        try:
-            with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as f:
-                json.dump(self.meta, f)  # written last: its presence marks a complete entry
-            try:
-                os.rename(self.tmp, self.entry)
-            except OSError:
-                if not os.path.isfile(os.path.join(self.entry, "meta.json")):
-                    raise
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        if os.path.isdir(self.tmp):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        if not os.path.isdir(self.entry):
-            for folder in self.made:  # innermost first; a folder another entry now uses is kept
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
-
-
-def _load(entry: str, name: str, read: SourceRead) -> TokenizedSource:
-    """A cache hit: the tokens memory-mapped, the text never decoded (what memory stays bounded by), except
-    where the entry cannot vouch for it: written before it counted replaced bytes, or a strict decode policy
-    and replaced bytes (decoding again raises the error naming file and byte)."""
-    def arr(file: str) -> np.ndarray:
-        return np.load(os.path.join(entry, file), mmap_mode="r", allow_pickle=False)
-
-    try:
-        with open(os.path.join(entry, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        meta = None
-    replaced = meta.get("replaced_chars") if isinstance(meta, dict) else None
-    if not isinstance(replaced, int) or (replaced and read.decode_errors == "fail"):
-        replaced = read.replaced_chars
-    weights = arr("weights.npy") if os.path.isfile(os.path.join(entry, "weights.npy")) else None
-    return TokenizedSource(name, arr("tokens.npy"), np.asarray(arr("doc_starts.npy")), weights, read.fingerprint,
-                           replaced, cache_hit=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmadapt.config import DataConfig, ReplayConfig, SourceConfig, TokenizerConfig
-from lmadapt.data import DataError, pipeline, sources
+from lmadapt.data import DataError, corpus_files, pipeline, sources
 from lmadapt.data.pipeline import assign_slots, build_pipeline
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
@@ -211,6 +211,15 @@ def test_tfds_source_through_the_pipeline(tmp_path):
     assert d["fingerprint"]["version"] == "1.2.0" and d["documents"] + p.val["t"].stats.documents == len(docs)
     text = p.tokenizer.decode([p.batch(0)["tokens"][0][p.batch(0)["segment_ids"][0] == 1]])[0]
     assert any(text.lstrip() and text.lstrip()[:20] in doc for doc in docs)
+    from lmadapt.data import tfds_source
+
+    real = tfds_source._texts
+    tfds_source._texts = lambda *a: pytest.fail("records read on a cache hit")
+    try:  # cached: the records are not read again (ArrayRecord sources are read by ranges, when tokenized)
+        again = make(data_config(tmp_path, [src]))
+    finally:
+        tfds_source._texts = real
+    assert again.describe()["sources"]["t"]["cache_hit"] and batches_equal(again.batch(2), p.batch(2))
 
 
 # -- bad data: one clear message (or a counted policy) each ---------------------------------------
@@ -250,13 +259,14 @@ def test_a_cache_hit_never_reads_the_text_and_keeps_its_counts(tmp_path, monkeyp
     # What keeps a cached run's memory independent of the corpus (issue 20): tokens memory-mapped, text unread.
     path = tmp_path / "latin1.txt"
     path.write_bytes(("caf\xe9 au lait\n\n" * 300).encode("latin-1"))
+    os.utime(path, (1e9, 1e9))  # not written just now: its hash is remembered (DigestMemo.RACY_S)
     cfg = data_config(tmp_path, [source("x", path)])
     first = make(cfg)
 
     def unread(where):
-        raise AssertionError(f"{where} was read whole on a cache hit")
+        raise AssertionError(f"{where} was opened on a cache hit")
 
-    monkeypatch.setattr(sources, "read_bytes", unread)
+    monkeypatch.setattr(corpus_files, "open_content", unread)  # neither read nor hashed: the hash is remembered
     again = make(cfg)
     described = again.describe()["sources"]["x"]
     assert described["cache_hit"] and described["replaced_chars"] == 300

@@ -35,6 +35,8 @@ class SentencePieceTokenizer(Tokenizer):
         pad = self._sp.pad_id()
         self.pad_id = pad if pad >= 0 else self.eos_id  # padding is masked out of the loss anyway
         self.fingerprint = "spm-" + hashlib.sha256(model_proto).hexdigest()[:32]
+        # Threads of one batch encode (-1: all cores); tokenizing worker processes divide the cores between them.
+        self.threads = int(os.environ.get("LMADAPT_ENCODE_THREADS", "-1"))
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
@@ -43,7 +45,7 @@ class SentencePieceTokenizer(Tokenizer):
             return cls(f.read(), origin=path)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int)
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.threads)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self._sp.decode([[int(i) for i in row] for row in ids])
