@@ -23,6 +23,7 @@ import shutil
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -110,13 +111,18 @@ def tokenize_source(name: str, read: SourceRead, tokenizer: Tokenizer, cache_dir
             mb = sum(u.size for u in todo.values()) / 1e6
             log(f"data {name}: tokenizing {len(todo)} of {len(entries)} files ({mb:,.1f} MB)"
                 + (f" in {n} processes" if n > 1 else ""))
-        if n > 1:
-            from lmadapt.data.tokenize_workers import run_workers  # noqa: PLC0415 - only for a large corpus
+        writer = uuid.uuid4().hex  # in each shard this run writes: what an undo may remove, and nothing else
+        try:
+            if n > 1:
+                from lmadapt.data.tokenize_workers import run_workers  # noqa: PLC0415 - only for a large corpus
 
-            run_workers(list(todo.items()), tokenizer, n, root, written)
-        else:
-            for entry, unit in todo.items():
-                if write_shard(unit.read(), unit, tokenizer, entry):
+                run_workers(list(todo.items()), tokenizer, n, root, writer)
+            else:
+                for entry, unit in todo.items():
+                    write_shard(unit.read(), unit, tokenizer, entry, writer)
+        finally:  # this run's shards, its stopped workers' included; never a racing writer's identical one
+            for entry in todo:
+                if (meta := _meta(entry)) is not None and meta.get("writer") == writer:
                     written.add(entry)
     return _assemble(name, read, entries, tokenizer, encoded=len(todo))
 
@@ -130,16 +136,17 @@ def _worker_count(workers: int, units: list[Unit]) -> int:
     return max(1, min(workers, len(units)))
 
 
-def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokenizer, entry: str) -> bool:
-    """Encode `docs` into the shard `entry` (written aside, renamed into place); whether this call made it
-    (False: another writer's identical shard was there first)."""
+def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokenizer, entry: str, writer: str) -> bool:
+    """Encode `docs` into the shard `entry` (written aside, renamed into place, `writer` recorded in it); whether
+    this call made it (False: another writer's identical shard was there first)."""
     with staging(os.path.dirname(entry)) as tmp:
         sink = _Sink(tmp, tokenizer)
         _encode(docs, tokenizer, sink)
         tokens, starts, weights = sink.arrays()
         key = unit.key if isinstance(unit, Unit) else unit
         meta = {"unit": key, "tokenizer": tokenizer.fingerprint, "docs": len(starts) - 1, "tokens": len(tokens),
-                "weights": weights is not None, "replaced_chars": docs.replaced, "dtype": str(tokens.dtype)}
+                "weights": weights is not None, "replaced_chars": docs.replaced, "dtype": str(tokens.dtype),
+                "writer": writer}
         del tokens, weights  # the memory maps, before the rename
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f)  # written last: its presence marks a complete shard

@@ -22,7 +22,6 @@ from lmadapt.data import DataError
 from lmadapt.data.sources import Unit
 from lmadapt.data.token_cache import staging, sweep
 from lmadapt.data.tokenizers import Tokenizer
-from lmadapt.data.written import Written
 
 
 class WorkerError(DataError):
@@ -30,16 +29,14 @@ class WorkerError(DataError):
     shards finished so far are kept."""
 
 
-def run_workers(todo: list[tuple[str, Unit]], tokenizer: Tokenizer, n: int, root: str, written: Written) -> None:
-    """Encode each (shard path, unit) in `n` processes; each shard a worker renamed into place is added to
-    `written` as it is reported. A data error in any worker stops them all and is raised here as it was worded
-    there; a worker that dies raises WorkerError."""
+def run_workers(todo: list[tuple[str, Unit]], tokenizer: Tokenizer, n: int, root: str, writer: str) -> None:
+    """Encode each (shard path, unit) in `n` processes, each shard marked with `writer`. A data error in any
+    worker stops them all and is raised here as it was worded there; a worker that dies raises WorkerError."""
     with staging(root) as tokdir:
-        _run(todo, tokenizer, n, root, written, tokdir)
+        _run(todo, tokenizer, n, root, writer, tokdir)
 
 
-def _run(todo: list[tuple[str, Unit]], tokenizer: Tokenizer, n: int, root: str, written: Written,
-         tokdir: str) -> None:
+def _run(todo: list[tuple[str, Unit]], tokenizer: Tokenizer, n: int, root: str, writer: str, tokdir: str) -> None:
     procs: list[subprocess.Popen] = []
     try:
         tokenizer.save(tokdir)
@@ -61,9 +58,10 @@ def _run(todo: list[tuple[str, Unit]], tokenizer: Tokenizer, n: int, root: str, 
             p.err = err  # type: ignore[attr-defined]
             procs.append(p)
             threading.Thread(target=_forward, args=(k, p, lines), daemon=True).start()
-            p.stdin.write(json.dumps({"tokenizer": tokdir, "fingerprint": tokenizer.fingerprint, "jobs": jobs}))
+            p.stdin.write(json.dumps({"tokenizer": tokdir, "fingerprint": tokenizer.fingerprint, "jobs": jobs,
+                                      "writer": writer}))
             p.stdin.close()
-        _collect(procs, lines, written)
+        _collect(procs, lines)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -83,7 +81,7 @@ def _forward(k: int, p: subprocess.Popen, lines: queue.Queue) -> None:
     lines.put((k, None))
 
 
-def _collect(procs: list[subprocess.Popen], lines: queue.Queue, written: Written) -> None:
+def _collect(procs: list[subprocess.Popen], lines: queue.Queue) -> None:
     running = len(procs)
     while running:
         k, line = lines.get()
@@ -95,8 +93,6 @@ def _collect(procs: list[subprocess.Popen], lines: queue.Queue, written: Written
         msg = json.loads(line)
         if "error" in msg:
             raise DataError(msg["error"])
-        if msg.get("made"):
-            written.add(msg["entry"])
 
 
 def _failure(p: subprocess.Popen) -> str:
@@ -118,8 +114,8 @@ def main() -> int:
             raise DataError(f"the tokenizer saved for the workers reads back as {tokenizer.fingerprint}, "
                             f"not {req['fingerprint']}")
         for job in req["jobs"]:
-            made = write_shard(read_job(job), job["key"], tokenizer, job["entry"])
-            print(_MARK + json.dumps({"entry": job["entry"], "made": made}), flush=True)
+            write_shard(read_job(job), job["key"], tokenizer, job["entry"], req["writer"])
+            print(_MARK + json.dumps({"entry": job["entry"]}), flush=True)
     except (DataError, ValueError) as e:  # TokenizerError is a ValueError
         print(_MARK + json.dumps({"error": str(e)}), flush=True)
         return 2
