@@ -305,19 +305,20 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
 
 def build_components(data: DataConfig, new: list, old: list, reads: dict[str, SourceRead], tokenizer: Tokenizer,
                      batch_size: int, seq_len: int, written: Written, log: Callable[[str], None] | None,
-                     reader: Callable[[str, TokenizedSource, np.ndarray, np.ndarray], tuple] | None = None
-                     ) -> tuple[list[Component], dict, dict]:
+                     reader: Callable[[str], tuple] | None = None) -> tuple[list[Component], dict, dict]:
     """Tokenize (or load) and pack each source into its training component and held-out rows. `reader`: the
-    share of one reader of data.readers, (name, source, train ids, held-out ids) -> (its part, its train ids,
-    its held-out ids, its row-order salt)."""
+    share of one reader of data.readers, name -> (its part of the source, its train ids, its held-out ids, its
+    row-order salt)."""
     r = data.replay
     components, val, described = [], {}, {}
     for src, replay in new + old:
-        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers, log)
-        train_ids, val_ids = split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)
-        salt = ""
-        if reader is not None:
-            tokenized, train_ids, val_ids, salt = reader(src.name, tokenized, train_ids, val_ids)
+        if reader is None:
+            tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers,
+                                        log)
+            train_ids, val_ids = split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)
+            salt = ""
+        else:
+            tokenized, train_ids, val_ids, salt = reader(src.name)
         train_rows, val_rows = _pack_source(src, tokenized, train_ids, val_ids, data, tokenizer, batch_size, seq_len,
                                             salt)
         total = sum(s.weight for s, _ in (old if replay else new))

@@ -24,9 +24,9 @@ import numpy as np
 from lmadapt.config import DataConfig
 from lmadapt.data.batch import Batch
 from lmadapt.data.mixture import Phase
-from lmadapt.data.pipeline import DataPipeline, build_components
+from lmadapt.data.pipeline import DataPipeline, build_components, split_documents
 from lmadapt.data.sources import SourceRead, Unit
-from lmadapt.data.token_cache import TokenizedSource
+from lmadapt.data.token_cache import TokenizedSource, tokenize_source
 from lmadapt.data.tokenizers import Tokenizer
 from lmadapt.data.written import Written
 
@@ -133,9 +133,14 @@ def build_readers(data: DataConfig, new: list, old: list, reads: dict[str, Sourc
     n = data.readers
     shares = {name: deal(read.units, n) for name, read in reads.items()}
     replicated = {name for name, s in shares.items() if s is None}
+    sources: dict[str, tuple[TokenizedSource, np.ndarray]] = {}  # each source once: its tokens, held-out ids
+    for src, _ in new + old:
+        tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers, log)
+        sources[src.name] = tokenized, split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)[1]
     pipes, described = [], []
     for g in range(n):
-        def share(name: str, tokenized: TokenizedSource, train_ids: np.ndarray, val_ids: np.ndarray, g: int = g):
+        def share(name: str, g: int = g) -> tuple[TokenizedSource, np.ndarray, np.ndarray, str]:
+            tokenized, val_ids = sources[name]
             units = shares[name][g] if shares[name] is not None else list(range(len(reads[name].units)))
             part, ids = tokenized.part(units)
             held_out = np.isin(ids, val_ids)

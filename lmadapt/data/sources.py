@@ -80,10 +80,6 @@ class SourceRead:
             units = [Unit({"in_memory": fingerprint}, "memory", lambda: Documents(docs, lambda: replaced_chars))]
         self.units = units
 
-    @property
-    def loaded(self) -> bool:
-        return self._documents is not None
-
     def iter_documents(self) -> Iterator[Document]:
         """Every document in order; once through, `replaced_chars` is known without keeping the text."""
         if self._documents is not None:

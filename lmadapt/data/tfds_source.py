@@ -30,14 +30,13 @@ def read_tfds_texts(name: str, split: str, feature: str, data_dir: str | None) -
     example count and the record files read (basename and size). `data_dir=None` means tfds's default data dir.
     Every failure raises DataError.
     """
+    if (lazy := open_tfds_texts(name, split, feature, data_dir)) is not None:
+        n, fingerprint, read = lazy
+        return read(0, n), fingerprint
     builder = _open_builder(name, data_dir)
     info = builder.info
     split_info = _split_info(info, split)
-    _check_feature(info, feature)
-    if _has_random_access(info):
-        source = _data_source(name, split, data_dir)
-        texts = _texts(source, feature, _describe(info))
-    elif importlib.util.find_spec("tensorflow") is not None:
+    if importlib.util.find_spec("tensorflow") is not None:
         texts = _read_with_tensorflow(name, split, feature, data_dir)
     else:
         stored_as = info.file_format.value if info.file_format else "an unknown file format"

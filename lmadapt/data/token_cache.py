@@ -136,9 +136,9 @@ def _worker_count(workers: int, units: list[Unit]) -> int:
     return max(1, min(workers, len(units)))
 
 
-def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokenizer, entry: str, writer: str) -> bool:
-    """Encode `docs` into the shard `entry` (written aside, renamed into place, `writer` recorded in it); whether
-    this call made it (False: another writer's identical shard was there first)."""
+def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokenizer, entry: str, writer: str) -> None:
+    """Encode `docs` into the shard `entry` (written aside, renamed into place, `writer` recorded in it; when
+    another writer's identical shard got there first, that one stays)."""
     with staging(os.path.dirname(entry)) as tmp:
         sink = _Sink(tmp, tokenizer)
         _encode(docs, tokenizer, sink)
@@ -155,11 +155,9 @@ def write_shard(docs: Documents, unit: Unit | dict[str, Any], tokenizer: Tokeniz
         unlock_name(tmp)
         try:
             os.rename(tmp, entry)
-            return True
         except OSError:
             if _meta(entry) is None:
                 raise
-            return False
 
 
 _TMP = ".tmp-"
