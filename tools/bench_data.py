@@ -7,7 +7,10 @@ Each corpus (GB of text) is generated on the fly in a temporary folder, never sh
 (Shakespeare, the books, the Python docs) and this Python's standard library sources, repeated until the size
 is reached, one plain-text source of blank-line documents in files of --file-mb MB. The tokenizer is a
 byte-level BPE of --vocab tokens trained on a sample (the kind the bundled configs train). Every measurement
-runs in a fresh process, peak RSS from getrusage (the child's own, and its largest worker's).
+runs in a fresh process, peak RSS from getrusage (the child's own, to its first batch and after the timed
+batches, and its largest worker's). Batches read rows from memory-mapped shards, and the kernel maps pages of
+the page cache around each one it faults in: those count in the RSS but are shared and reclaimable, so
+the cached runs also print, at the end, the anonymous RSS apart from what is mapped from files.
 
   raw         the `tokenizers` batch encoder alone on the smallest corpus's documents, already in memory
               (256 a call, all cores): the ceiling the pipeline's tokenization is held against
@@ -49,13 +52,17 @@ data = DataConfig(sources=[SourceConfig(name="corpus", path=path, documents="bla
 pipe = build_pipeline(data, TokenizerConfig(kind="bpe", path=tok), batch, seq, log=lambda s: print(s, flush=True))
 pipe.batch(0)
 first = time.perf_counter() - t
+rss_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 for step in range(1, steps + 1):
     pipe.batch(step)
 per_s = steps * batch * seq / (time.perf_counter() - t) if steps else 0.0
 d = pipe.describe()["sources"]["corpus"]
 usage = {w: resource.getrusage(w).ru_maxrss * 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)}
-print("RESULT " + json.dumps({"first_batch_s": first, "rss": usage[resource.RUSAGE_SELF],
+status = dict(ln.split(":", 1) for ln in open("/proc/self/status") if ":" in ln)
+kib = lambda k: int(status[k].split()[0]) * 1024
+print("RESULT " + json.dumps({"first_batch_s": first, "rss": usage[resource.RUSAGE_SELF], "rss_first": rss_first,
+                             "anon_end": kib("RssAnon"), "file_end": kib("RssFile"),
                              "worker_rss": usage[resource.RUSAGE_CHILDREN], "cache_hit": d["cache_hit"],
                              "train_rows": d["train_rows"], "tokens_per_s": per_s}))
 """
@@ -206,7 +213,9 @@ def main() -> int:
                       f"peak RSS {r['rss'] / 2**30:.2f} GiB (worker {r['worker_rss'] / 2**30:.2f})", flush=True)
             r = measure(path, cache, tok, 2, args, steps=args.steps)
             rows.append(("cached", gb, r))
-            print(f"  {gb:.2f} GB cached: {r['first_batch_s']:.1f} s, peak RSS {r['rss'] / 2**30:.2f} GiB, batches "
+            print(f"  {gb:.2f} GB cached: {r['first_batch_s']:.1f} s, peak RSS {r['rss_first'] / 2**30:.2f} GiB to "
+                  f"the first batch, {r['rss'] / 2**30:.2f} GiB after {args.steps} more (then anonymous "
+                  f"{r['anon_end'] / 2**30:.2f}, mapped from files {r['file_end'] / 2**30:.2f}), batches "
                   f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s", flush=True)
             if k == 0:
                 one = os.path.join(tmp, "one-file")  # the same text as one file: streamed within it
@@ -233,14 +242,15 @@ def main() -> int:
 
 
 def report(rows: list[tuple[str, float, dict]], raw: float, args: argparse.Namespace) -> None:
-    print("\n| corpus GB | run | first batch s | MB/s | / raw encode | peak RSS GiB | worker RSS GiB "
-          "| batches M tok/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| corpus GB | run | first batch s | MB/s | / raw encode | peak RSS to 1st batch GiB | peak RSS GiB "
+          "| worker RSS GiB | batches M tok/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, gb, r in rows:
         mbs = r.get("mb_per_s")
         rate = f"{mbs:.2f} | {mbs / raw:.2f}" if mbs else " | "
         toks = f"{r['tokens_per_s'] / 1e6:.2f}" if r.get("tokens_per_s") else ""
-        print(f"| {gb:.2f} | {name} | {r['first_batch_s']:.1f} | {rate} | {r['rss'] / 2**30:.2f} | "
+        print(f"| {gb:.2f} | {name} | {r['first_batch_s']:.1f} | {rate} | {r['rss_first'] / 2**30:.2f} | "
+              f"{r['rss'] / 2**30:.2f} | "
               f"{r['worker_rss'] / 2**30:.2f} | {toks} |")
     # What a training step consumes: Llama-1B (1.2e9 params, 6 N FLOPs a token) on one H100 at 45% of its
     # 989 TFLOP/s bf16 datasheet peak (issue 19's target), and 8 of them on one host.

@@ -31,6 +31,7 @@ atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,8 +92,8 @@ def quickstart_documents(config: str = QUICKSTART) -> dict[str, tuple[list[str],
     """{source name: (training documents, held-out documents)} of every source the quickstart's stages train on,
     cut and split exactly as training and the report's held-out evaluation do."""
     from lmadapt.config import load_config
-    from lmadapt.data.pipeline import split_documents as split_held_out
-    from lmadapt.data.sources import decode, read_bytes, split_documents
+    from lmadapt.data.pipeline import held_out_split
+    from lmadapt.data.sources import read_source
 
     top = load_config(config)
     sources = {}
@@ -102,10 +103,9 @@ def quickstart_documents(config: str = QUICKSTART) -> dict[str, tuple[list[str],
     out = {}
     for name, src in sources.items():
         path = src.path if os.path.isabs(src.path) else os.path.join(ROOT, src.path)
-        text, _ = decode(read_bytes(path), path, "fail")
-        docs = split_documents(text, src.documents, src.max_chars)
-        train, val = split_held_out(len(docs), top.data.val_fraction, top.data.seed, name)
-        out[name] = ([docs[int(i)] for i in train], [docs[int(i)] for i in val])
+        read = read_source(dataclasses.replace(src, path=path), "fail")
+        train, val = held_out_split(read, top.data.val_fraction, top.data.seed, name)
+        out[name] = ([d.text for d in train], [d.text for d in val])
     return out
 
 

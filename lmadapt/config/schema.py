@@ -228,6 +228,9 @@ class DataConfig(_Frozen):
     # are dealt to the readers and block g of every batch comes from reader g's files, so a process reads only
     # the files of its rows. Batches depend on it (never on the process count); 1: one reader, as before.
     readers: int = 1
+    # Documents planned together: a window's training pieces are shuffled and packed into rows on their own
+    # (planning memory follows the window, not the corpus); every epoch draws rows across all windows.
+    shuffle_window: int = 1 << 18
 
 
 @dataclass(frozen=True)

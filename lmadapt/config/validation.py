@@ -215,6 +215,7 @@ def _validate_data(cfg: Config, need: Callable[[bool, str, Any, str], None]) -> 
     need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a number in (0, 1)")
     need(d.max_document_bytes > 0, "data.max_document_bytes", d.max_document_bytes, "a positive integer")
     need(0 <= d.workers <= 1024, "data.workers", d.workers, "an integer in [0, 1024] (0: one per core)")
+    need(d.shuffle_window >= 1, "data.shuffle_window", d.shuffle_window, "a positive number of documents")
     need(d.readers >= 1 and cfg.train.batch_size % d.readers == 0, "data.readers", d.readers,
          f"a positive divisor of train.batch_size={cfg.train.batch_size}")
     need(d.readers == 1 or bool(d.cache_dir), "data.readers", d.readers,

@@ -9,6 +9,7 @@ apart and every input token of the split lands in exactly one row.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,8 @@ class PackedRows:
     seq_len: int
     pad_id: int
     stats: PackStats
+    loss_tokens: np.ndarray | None = None  # per row, as row_loss_tokens() (a plan stores it)
+    loss_total: int | None = None
 
     @property
     def n_rows(self) -> int:
@@ -49,6 +52,8 @@ class PackedRows:
 
     def row_loss_tokens(self) -> np.ndarray:
         """Per row, the number of target tokens that carry loss (what "tokens trained" counts)."""
+        if self.loss_tokens is not None:
+            return self.loss_tokens
         if self.weights is None:
             per_piece = self.piece_len
         else:
@@ -82,51 +87,27 @@ class PackedRows:
         return out
 
 
-_PLAN_CHUNK = 1 << 16  # documents cut at a time: the temporaries follow the chunk, not the source
-
-
-def make_pieces(doc_starts: np.ndarray, doc_ids: np.ndarray, seq_len: int,
+def make_pieces(starts: np.ndarray, ends: np.ndarray, seq_len: int,
                 long_docs: str) -> tuple[np.ndarray, np.ndarray, PackStats]:
-    """Cut the documents `doc_ids` (in that order) into pieces of at most `seq_len` pairs, `_PLAN_CHUNK`
-    documents at a time into arrays allocated once (measured: 81 bytes a document at the peak done whole)."""
-    chunks = [slice(lo, lo + _PLAN_CHUNK) for lo in range(0, len(doc_ids), _PLAN_CHUNK)]
-    n = sum(_chunk_pieces(doc_starts, doc_ids[c], seq_len, long_docs)[0] for c in chunks)
-    piece_start, piece_len = np.empty(n, np.int64), np.empty(n, np.int64)
-    stats, at = PackStats(), 0
-    for c in chunks:
-        _, starts, lens, part = _chunk_pieces(doc_starts, doc_ids[c], seq_len, long_docs, pieces=True)
-        piece_start[at:at + len(starts)], piece_len[at:at + len(lens)] = starts, lens
-        at += len(starts)
-        for field in dataclasses.fields(PackStats):
-            setattr(stats, field.name, getattr(stats, field.name) + getattr(part, field.name))
-    return piece_start, piece_len, stats
-
-
-def _chunk_pieces(doc_starts: np.ndarray, doc_ids: np.ndarray, seq_len: int, long_docs: str, pieces: bool = False
-                  ) -> tuple[int, np.ndarray | None, np.ndarray | None, PackStats]:
-    """(piece count, and with `pieces` their starts, lengths and stats) of some documents."""
-    starts = doc_starts[doc_ids]
-    pairs = doc_starts[doc_ids + 1] - starts - 1
+    """Cut the documents tokens[starts[i]:ends[i]] (in that order) into pieces of at most `seq_len` pairs."""
+    pairs = np.asarray(ends, np.int64) - starts - 1
     keep = pairs > 0  # a one-token document has nothing to predict
-    starts, pairs = starts[keep], pairs[keep]
+    starts, pairs = np.asarray(starts, np.int64)[keep], pairs[keep]
     stats = PackStats(documents=int(keep.sum()))
-    counts = np.ones_like(pairs) if long_docs == "truncate" else -(-pairs // seq_len)
-    n = int(counts.sum())
-    if not pieces:
-        return n, None, None, stats
     if long_docs == "truncate":
         stats.truncated_tokens = int(np.maximum(pairs - seq_len, 0).sum())
         piece_start, piece_len = starts, np.minimum(pairs, seq_len)
     else:
+        counts = -(-pairs // seq_len)
         stats.split_documents = int((counts > 1).sum())
         doc_of_piece = np.repeat(np.arange(len(starts)), counts)
-        first_piece = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first_piece = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         k = np.arange(len(doc_of_piece)) - first_piece[doc_of_piece]  # piece number within its document
         piece_start = starts[doc_of_piece] + k * seq_len
         piece_len = np.minimum(pairs[doc_of_piece] - k * seq_len, seq_len)
     stats.pieces = len(piece_start)
     stats.input_tokens = int(piece_len.sum())
-    return n, piece_start, piece_len, stats
+    return piece_start, piece_len, stats
 
 
 def next_fit(piece_len: np.ndarray, seq_len: int) -> np.ndarray:
@@ -146,9 +127,18 @@ def next_fit(piece_len: np.ndarray, seq_len: int) -> np.ndarray:
 
 def pack(tokens: np.ndarray | ShardedArray, weights: np.ndarray | ShardedArray | None, doc_starts: np.ndarray,
          doc_ids: np.ndarray, seq_len: int, pad_id: int, long_docs: str = "split",
-         shuffle_seed: int | None = None) -> PackedRows:
+         shuffle_seed: Any = None) -> PackedRows:
     """Pack documents `doc_ids` into rows; with `shuffle_seed`, pieces are shuffled once before packing."""
-    piece_start, piece_len, stats = make_pieces(doc_starts, doc_ids, seq_len, long_docs)
+    doc_ids = np.asarray(doc_ids, np.int64)
+    starts, ends = np.asarray(doc_starts[doc_ids], np.int64), np.asarray(doc_starts[doc_ids + 1], np.int64)
+    piece_start, piece_len, stats = make_pieces(starts, ends, seq_len, long_docs)
+    piece_start, piece_len, offsets = arrange(piece_start, piece_len, seq_len, shuffle_seed)
+    return PackedRows(tokens, weights, piece_start, piece_len, offsets, seq_len, pad_id, stats)
+
+
+def arrange(piece_start: np.ndarray, piece_len: np.ndarray, seq_len: int,
+            shuffle_seed: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces in packing order and the row offsets into them; with `shuffle_seed`, shuffled first."""
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(piece_start))
         piece_start, piece_len = piece_start[order], piece_len[order]
@@ -159,4 +149,4 @@ def pack(tokens: np.ndarray | ShardedArray, weights: np.ndarray | ShardedArray |
     piece_start = np.concatenate([piece_start[full], piece_start[~full]])
     piece_len = np.concatenate([piece_len[full], piece_len[~full]])
     offsets = np.concatenate([np.arange(n_full, dtype=np.int64), n_full + next_fit(piece_len[n_full:], seq_len)])
-    return PackedRows(tokens, weights, piece_start, piece_len, offsets, seq_len, pad_id, stats)
+    return piece_start, piece_len, offsets

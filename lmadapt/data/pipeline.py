@@ -22,19 +22,19 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from lmadapt.config import DataConfig, SourceConfig, TokenizerConfig
+from lmadapt.config import DataConfig, TokenizerConfig
 from lmadapt.data import DataError
 from lmadapt.data.batch import Batch
 from lmadapt.data.corpus_files import DigestMemo
 from lmadapt.data.mixture import Phase, Plan, assign_slots, mixture_weight, replay_schedule
-from lmadapt.data.packing import PackedRows, pack
+from lmadapt.data.packing import PackedRows
+from lmadapt.data.plan import PlanSpec, plan_source
+from lmadapt.data.shuffle import HeldOut, key64, permute, unit_id
 from lmadapt.data.sources import SourceRead, read_source
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
 from lmadapt.data.tokenize_workers import WorkerError
@@ -60,30 +60,34 @@ class Component:
     weight: float  # normalised: the components' weights sum to 1 (in the first phase)
     replay: bool
     source_weight: float = 1.0  # the configured weight, relative to its group's (training or replay) sources
-    _perms: OrderedDict = dataclasses.field(default_factory=OrderedDict, repr=False)
     _seed: int = 0
     salt: str = ""  # data.readers: each reader draws its rows in its own order
 
     def __post_init__(self) -> None:
         self.loss_tokens = self.rows.row_loss_tokens()
 
+    def epoch_key(self, epoch: int) -> int:
+        return key64("rows", self._seed, self.name + self.salt, epoch)
+
     def row_of(self, j: np.ndarray) -> np.ndarray:
-        """Row index of this component's j-th draw: epoch j // n_rows, reshuffled per epoch."""
+        """Row index of this component's j-th draw: epoch j // n_rows, its rows in a fresh order each epoch."""
         n = self.rows.n_rows
-        epochs, within = np.divmod(j, n)
-        out = np.empty_like(j)
+        epochs, within = np.divmod(np.asarray(j, np.int64), n)
+        out = np.empty_like(within)
         for e in np.unique(epochs).tolist():
             sel = epochs == e
-            out[sel] = self._perm(e)[within[sel]]
+            out[sel] = permute(within[sel], n, self.epoch_key(e))
         return out
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            rng = np.random.default_rng([self._seed, zlib.crc32((self.name + self.salt).encode()), epoch])
-            self._perms[epoch] = rng.permutation(self.rows.n_rows)
-            if len(self._perms) > 4:
-                self._perms.popitem(last=False)
-        return self._perms[epoch]
+    def loss_tokens_drawn(self, draws: int) -> int:
+        """Loss-carrying tokens of this component's first `draws` draws (a partial epoch summed in blocks)."""
+        n = self.rows.n_rows
+        full, part = divmod(draws, n)
+        total = full * (self.rows.loss_total if self.rows.loss_total is not None else int(self.loss_tokens.sum()))
+        key = self.epoch_key(full)
+        for lo in range(0, part, 1 << 20):
+            total += int(self.loss_tokens[permute(np.arange(lo, min(part, lo + (1 << 20))), n, key)].sum())
+        return total
 
 
 class DataPipeline:
@@ -91,8 +95,9 @@ class DataPipeline:
 
     def __init__(self, components: list[Component], val: dict[str, PackedRows], tokenizer: Tokenizer,
                  batch_size: int, seq_len: int, seed: int, sources: dict[str, dict[str, Any]],
-                 phases: list[Phase] | None = None):
+                 phases: list[Phase] | None = None, shuffle_window: int | None = None):
         self.components, self.val, self.tokenizer = components, val, tokenizer
+        self.shuffle_window = shuffle_window
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.sources = sources  # name -> fingerprint, weights and packing stats (for the version record)
         rng = np.random.default_rng([seed, 7919])
@@ -183,15 +188,7 @@ class DataPipeline:
         plan = plans[bisect.bisect_right([p.start for p in plans], steps - 1) - 1]
         # Draws before the first slot of `steps`: the earlier phases' (closed form), then this phase's.
         draws = plan.base + plan.draws((steps - plan.start) * self.batch_size, len(self.components))
-        out = {}
-        for c, n in zip(self.components, draws.tolist(), strict=True):
-            per_row = c.loss_tokens
-            full, part = divmod(n, c.rows.n_rows)
-            total = full * int(per_row.sum())
-            if part:
-                total += int(per_row[c._perm(full)[:part]].sum())
-            out[c.name] = total
-        return out
+        return {c.name: c.loss_tokens_drawn(n) for c, n in zip(self.components, draws.tolist(), strict=True)}
 
     def val_batches(self, name: str, limit: int) -> int:
         """How many held-out batches source `name` has (at most `limit`); the last may be partly empty."""
@@ -209,18 +206,24 @@ class DataPipeline:
         tokenizer; the mixture's phases as [first step, replay fraction] (data.replay.final_fraction's
         schedule, a forgetting budget's changes)."""
         return {"tokenizer": self.tokenizer.fingerprint, "seq_len": self.seq_len, "seed": self.seed,
-                "sources": self.sources, "replay_phases": [[s, f] for s, f in self.phases]}
+                "shuffle_window": self.shuffle_window, "held_out": HELD_OUT_RULE, "sources": self.sources,
+                "replay_phases": [[s, f] for s, f in self.phases]}
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic held-out documents of a source: never trained on, the same in every run."""
-    if n_docs < 2:
-        raise DataError(f"source {name!r} has {n_docs} document; a held-out split needs at least 2 (use "
-                        f"documents: chars or blank_line to cut files into documents)")
-    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
-    order = np.random.default_rng([seed, zlib.crc32(name.encode()), 1]).permutation(n_docs)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def held_out_split(read: SourceRead, val_fraction: float, seed: int, name: str) -> tuple[list, list]:
+    """(training documents, held-out documents) of a source read whole, as training splits it (for the tools
+    and scores that work on documents rather than rows)."""
+    units = [list(u.read()) for u in read.units]
+    held = HeldOut([unit_id(u.key) for u in read.units], [len(d) for d in units], val_fraction, seed, name)
+    train, val = [], []
+    for k, docs in enumerate(units):
+        for doc, out in zip(docs, held.mask(k, 0, len(docs)).tolist(), strict=True):
+            (val if out else train).append(doc)
+    return train, val
 
+
+# How held-out documents are chosen (in a version's record: one trained under another rule held out others).
+HELD_OUT_RULE = "document hash v1"
 
 # Bumped whenever what a trained tokenizer is changes, so cached ones from before are not reused
 # (v1: SentencePiece with NFKC and whitespace collapsing, trained line by line; v2: lossless).
@@ -300,14 +303,15 @@ def build_pipeline(data: DataConfig, tok_cfg: TokenizerConfig, batch_size: int, 
         if undo and not isinstance(e, WorkerError):
             written.undo()
         raise
-    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases)
+    return DataPipeline(components, val, tokenizer, batch_size, seq_len, data.seed, described, phases,
+                        data.shuffle_window)
 
 
 def build_components(data: DataConfig, new: list, old: list, reads: dict[str, SourceRead], tokenizer: Tokenizer,
                      batch_size: int, seq_len: int, written: Written, log: Callable[[str], None] | None,
                      reader: Callable[[str], tuple] | None = None) -> tuple[list[Component], dict, dict]:
-    """Tokenize (or load) and pack each source into its training component and held-out rows. `reader`: the
-    share of one reader of data.readers, name -> (its part of the source, its train ids, its held-out ids, its
+    """Tokenize (or load) and plan each source into its training component and held-out rows. `reader`: the
+    share of one reader of data.readers, name -> (its part of the source, the source's held-out rule, its
     row-order salt)."""
     r = data.replay
     components, val, described = [], {}, {}
@@ -315,12 +319,12 @@ def build_components(data: DataConfig, new: list, old: list, reads: dict[str, So
         if reader is None:
             tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers,
                                         log)
-            train_ids, val_ids = split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)
-            salt = ""
+            held, salt = held_out(tokenized, data), ""
         else:
-            tokenized, train_ids, val_ids, salt = reader(src.name)
-        train_rows, val_rows = _pack_source(src, tokenized, train_ids, val_ids, data, tokenizer, batch_size, seq_len,
-                                            salt)
+            tokenized, held, salt = reader(src.name)
+        spec = PlanSpec(seq_len, tokenizer.pad_id, data.long_docs, data.shuffle_window, data.seed, src.name, salt)
+        train_rows, val_rows = plan_source(tokenized, held, spec, data.cache_dir, written)
+        _check_rows(src.name, train_rows, val_rows, batch_size, seq_len, salt)
         total = sum(s.weight for s, _ in (old if replay else new))
         weight = mixture_weight(r.fraction, replay, bool(old), src.weight, total)
         components.append(Component(src.name, train_rows, weight, replay, source_weight=src.weight, _seed=data.seed,
@@ -335,21 +339,20 @@ def build_components(data: DataConfig, new: list, old: list, reads: dict[str, So
     return components, val, described
 
 
-def _pack_source(src: SourceConfig, tokenized: TokenizedSource, train_ids: np.ndarray, val_ids: np.ndarray,
-                 data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int,
-                 salt: str = "") -> tuple[PackedRows, PackedRows]:
-    seed = [data.seed, zlib.crc32((src.name + salt).encode())]
-    args = (tokenized.tokens, tokenized.weights, tokenized.doc_starts)
-    train_rows = pack(*args, train_ids, seq_len, tokenizer.pad_id, data.long_docs, shuffle_seed=seed)
-    val_rows = pack(*args, val_ids, seq_len, tokenizer.pad_id, data.long_docs)
-    where = f"source {src.name!r}" + (f" (reader {salt[1:]} of data.readers)" if salt else "")
+def held_out(tokenized: TokenizedSource, data: DataConfig) -> HeldOut:
+    """The held-out rule of a whole source (a reader's part takes its whole source's)."""
+    return HeldOut(tokenized.unit_ids, tokenized.unit_docs, data.val_fraction, data.seed, tokenized.name)
+
+
+def _check_rows(name: str, train_rows: PackedRows, val_rows: PackedRows, batch_size: int, seq_len: int,
+                salt: str) -> None:
+    where = f"source {name!r}" + (f" (reader {salt[1:]} of data.readers)" if salt else "")
     if train_rows.n_rows < batch_size:
         raise DataError(f"{where} packs into {train_rows.n_rows} training rows of {seq_len} tokens, fewer than one "
                         f"batch ({'a reader' if salt else 'train.batch_size'}={batch_size}); add data or use a "
                         f"smaller batch" + (" or fewer readers" if salt else ""))
     if val_rows.n_rows == 0 and not salt:  # a reader's may be empty: the source's held-out set is not
         raise DataError(f"{where}: the held-out split is empty; raise data.val_fraction")
-    return train_rows, val_rows
 
 
 def _summary(name: str, d: dict[str, Any], long_docs: str) -> str:

@@ -6,12 +6,12 @@ shard files by host), and every batch is still a pure function of (seed, step, R
 whose rows split the blocks sees the batches of one process with the same R. Each reader is a whole
 `DataPipeline` over its files (the same weights, phases and accounting), so the guarantees hold per block:
 a source's share is within one row in every block (within R rows of the global batch), every row of a
-reader is drawn once per epoch, and held-out documents are split within each reader's files, disjoint from
-all training rows. A source with fewer files than readers is read whole by every reader: its held-out split is
-the global one, and each reader draws its rows in its own order.
+reader is drawn once per epoch, and the held-out documents are the source's own (a document's decision is a
+hash of its file's content and its index there, `shuffle.HeldOut`), disjoint from all training rows. A source
+with fewer files than readers is read whole by every reader, each drawing its rows in its own order.
 
-Every process plans every reader (document offsets only, 8 bytes a document: the held-out batch count and
-the tokens-seen accounting must agree everywhere); token shards are opened when a batch first reads them.
+Every process opens every reader's packing plan (memory-mapped: the held-out batch count and the tokens-seen
+accounting must agree everywhere); token shards are opened when a batch first reads them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 from lmadapt.config import DataConfig
 from lmadapt.data.batch import Batch
 from lmadapt.data.mixture import Phase
-from lmadapt.data.pipeline import DataPipeline, build_components, split_documents
+from lmadapt.data.pipeline import DataPipeline, build_components, held_out
+from lmadapt.data.shuffle import HeldOut
 from lmadapt.data.sources import SourceRead, Unit
 from lmadapt.data.token_cache import TokenizedSource, tokenize_source
 from lmadapt.data.tokenizers import Tokenizer
@@ -133,22 +134,21 @@ def build_readers(data: DataConfig, new: list, old: list, reads: dict[str, Sourc
     n = data.readers
     shares = {name: deal(read.units, n) for name, read in reads.items()}
     replicated = {name for name, s in shares.items() if s is None}
-    sources: dict[str, tuple[TokenizedSource, np.ndarray]] = {}  # each source once: its tokens, held-out ids
+    sources: dict[str, tuple[TokenizedSource, HeldOut]] = {}  # each source once: its tokens and held-out rule
     for src, _ in new + old:
         tokenized = tokenize_source(src.name, reads[src.name], tokenizer, data.cache_dir, written, data.workers, log)
-        sources[src.name] = tokenized, split_documents(tokenized.n_docs, data.val_fraction, data.seed, src.name)[1]
+        sources[src.name] = tokenized, held_out(tokenized, data)
     pipes, described = [], []
     for g in range(n):
-        def share(name: str, g: int = g) -> tuple[TokenizedSource, np.ndarray, np.ndarray, str]:
-            tokenized, val_ids = sources[name]
+        def share(name: str, g: int = g) -> tuple[TokenizedSource, HeldOut, str]:
+            tokenized, held = sources[name]
             units = shares[name][g] if shares[name] is not None else list(range(len(reads[name].units)))
-            part, ids = tokenized.part(units)
-            held_out = np.isin(ids, val_ids)
-            return part, np.flatnonzero(~held_out), np.flatnonzero(held_out), f"@{g}/{n}"
+            return tokenized.part(units), held, f"@{g}/{n}"
 
         components, val, desc = build_components(data, new, old, reads, tokenizer, batch_size // n, seq_len,
                                                  written, log if g == 0 else None, share)
-        pipes.append(DataPipeline(components, val, tokenizer, batch_size // n, seq_len, data.seed, desc, phases))
+        pipes.append(DataPipeline(components, val, tokenizer, batch_size // n, seq_len, data.seed, desc, phases,
+                                  data.shuffle_window))
         described.append(desc)
     return ReaderPipeline(pipes, replicated, _merge(described, replicated, reads))
 

@@ -7,6 +7,7 @@ document, and so every piece cut from it, lies in one file.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
@@ -80,3 +81,34 @@ def range_sums(a: np.ndarray | ShardedArray, starts: np.ndarray, stops: np.ndarr
         return a.range_sums(np.asarray(starts, np.int64), np.asarray(stops, np.int64))
     cum = np.concatenate([[0], np.cumsum(a, dtype=np.int64)])
     return cum[stops] - cum[starts]
+
+
+class Column:
+    """A 1-D array appended in pieces: in memory (`path` None), or a .npy file whose fixed-size header is written
+    last, read back memory-mapped."""
+
+    HEADER = 128  # bytes: magic, version, length and the padded dict of any 1-D shape
+
+    def __init__(self, path: str | None, dtype: Any):
+        self.path, self.dtype, self.n, self.parts = path, np.dtype(dtype), 0, []
+        self.file = open(path, "wb") if path else None  # noqa: SIM115 - closed in close()
+        if self.file:
+            self.file.write(b"\0" * self.HEADER)
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, self.dtype)
+        if self.file:
+            self.file.write(a.tobytes())
+        else:
+            self.parts.append(a)
+        self.n += a.size
+
+    def close(self) -> np.ndarray:
+        if not self.file:
+            return np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        meta = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n,)}
+        text = repr(meta).ljust(self.HEADER - 10 - 1) + "\n"
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1"))
+        self.file.close()
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)

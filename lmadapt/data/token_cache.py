@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import shutil
-import struct
 import tempfile
 import time
 import uuid
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from lmadapt.data import DataError
-from lmadapt.data.shards import ShardedArray
+from lmadapt.data.shards import Column, ShardedArray
+from lmadapt.data.shuffle import unit_id
 from lmadapt.data.sources import Document, Documents, SourceRead, Unit
 from lmadapt.data.tokenizers import Tokenizer
 from lmadapt.data.written import Written
@@ -43,40 +43,56 @@ AUTO_WORKERS_BYTES = 64 * 2**20  # data.workers=0: worker processes once this mu
 
 @dataclasses.dataclass
 class TokenizedSource:
-    """One source as flat token ids; document d is `tokens[doc_starts[d]:doc_starts[d + 1]]`."""
+    """One source as token ids, a part per file (unit): document j of unit p is tokens
+    `[bases[p] + starts[p][j], bases[p] + starts[p][j + 1])`, `starts[p]` the file's own offsets (its shard's
+    doc_starts.npy, read when planned), so nothing here grows with the number of documents."""
 
     name: str
-    tokens: np.ndarray | ShardedArray  # uint16 or uint32
-    doc_starts: np.ndarray  # int64 [n_docs + 1]
-    weights: np.ndarray | ShardedArray | None  # uint8 per token: 1 where the token is trained on; None: all
+    tokens: ShardedArray  # uint16 or uint32
+    starts: list[str | np.ndarray]  # per unit: int64 [docs + 1] from 0 (a .npy path, or the array)
+    weights: ShardedArray | None  # uint8 per token: 1 where the token is trained on; None: all
     fingerprint: dict[str, Any]
+    unit_docs: list[int]  # documents of each unit
+    unit_ids: list[int]  # each unit's identity in the held-out rule (its content key)
+    unit_replaced: list[int]
     replaced_chars: int = 0
     cache_hit: bool = False  # every shard was in the cache
     encoded_files: int = 0  # shards this run encoded
-    unit_docs: list[int] | None = None  # documents of each file (from the cache: each file its shard)
-    unit_replaced: list[int] | None = None
+    entries: list[str] | None = None  # each unit's shard name (None: tokenized in memory)
+    unit_index: list[int] | None = None  # each unit's index in the whole source (a part's units)
+
+    def __post_init__(self) -> None:
+        if self.unit_index is None:
+            self.unit_index = list(range(len(self.unit_docs)))
 
     @property
     def n_docs(self) -> int:
-        return len(self.doc_starts) - 1
+        return int(sum(self.unit_docs))
 
-    def part(self, units: list[int]) -> tuple[TokenizedSource, np.ndarray]:
-        """Files `units` (indices, in order) as a source of their own, and the source-wide ids of its documents;
-        nothing is read (document offsets are already here, tokens are read when sliced)."""
-        if not isinstance(self.tokens, ShardedArray) or self.unit_docs is None or self.unit_replaced is None:
-            raise ValueError("only a source read from the token cache has parts")
-        off = np.concatenate([[0], np.cumsum(self.unit_docs, dtype=np.int64)])
-        ids = np.concatenate([np.arange(off[u], off[u + 1]) for u in units] or [np.zeros(0, np.int64)])
-        starts, base = [np.zeros(1, np.int64)], 0
-        for u in units:
-            local = self.doc_starts[off[u]:off[u + 1] + 1] - self.doc_starts[off[u]]
-            starts.append(local[1:] + base)
-            base += int(local[-1])
-        weights = self.weights.subset(units) if isinstance(self.weights, ShardedArray) else None
-        return dataclasses.replace(self, tokens=self.tokens.subset(units), doc_starts=np.concatenate(starts),
-                                   weights=weights, replaced_chars=sum(self.unit_replaced[u] for u in units),
-                                   unit_docs=[self.unit_docs[u] for u in units],
-                                   unit_replaced=[self.unit_replaced[u] for u in units]), ids.astype(np.int64)
+    def bounds(self, p: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first token, end) in `tokens` of documents lo..hi-1 of unit p. A shard's offsets are mapped for the
+        call only: planning walks every document once, and pages kept mapped would stay in the RSS."""
+        s = self.starts[p]
+        if isinstance(s, str):
+            s = np.load(s, mmap_mode="r", allow_pickle=False)
+        local = np.asarray(s[lo:hi + 1], np.int64) + self.tokens.bases[p]
+        return local[:-1], local[1:]
+
+    @property
+    def doc_starts(self) -> np.ndarray:
+        """Every document's first token and the end, in one array (8 bytes a document: for small sources)."""
+        parts = [self.bounds(p, 0, n)[0] for p, n in enumerate(self.unit_docs)]
+        return np.concatenate([*parts, [len(self.tokens)]]).astype(np.int64)
+
+    def part(self, units: list[int]) -> TokenizedSource:
+        """Units `units` (indices, in order) as a source of their own; nothing is read."""
+        weights = self.weights.subset(units) if self.weights is not None else None
+        pick = lambda xs: [xs[u] for u in units]  # noqa: E731
+        return dataclasses.replace(self, tokens=self.tokens.subset(units), starts=pick(self.starts), weights=weights,
+                                   unit_docs=pick(self.unit_docs), unit_ids=pick(self.unit_ids),
+                                   unit_replaced=pick(self.unit_replaced), replaced_chars=sum(pick(self.unit_replaced)),
+                                   entries=pick(self.entries) if self.entries else None,
+                                   unit_index=pick(self.unit_index))
 
 
 def shard_key(unit: Unit, tokenizer: Tokenizer) -> str:
@@ -95,10 +111,7 @@ def tokenize_source(name: str, read: SourceRead, tokenizer: Tokenizer, cache_dir
     tokens are encoded into memory. What this adds to the cache is recorded in `written` (for an undo).
     """
     if not cache_dir:
-        sink = _Sink(None, tokenizer)
-        _encode(read.iter_documents(), tokenizer, sink)
-        tokens, starts, weights = sink.arrays()
-        return TokenizedSource(name, tokens, starts, weights, read.fingerprint, read.replaced_chars)
+        return _in_memory(name, read, tokenizer)
     root = os.path.join(os.path.expanduser(cache_dir), "tokens")
     entries = [os.path.join(root, shard_key(u, tokenizer)) for u in read.units]
     todo = {e: u for u, e in zip(read.units, entries, strict=True) if _meta(e) is None}  # a file twice: once
@@ -222,7 +235,7 @@ def _meta(entry: str) -> dict[str, Any] | None:
 
 
 def _assemble(name: str, read: SourceRead, entries: list[str], tokenizer: Tokenizer, encoded: int) -> TokenizedSource:
-    """The source from its shards: document offsets read now (8 bytes a document), tokens when first sliced."""
+    """The source from its shards (only their meta.json read now: offsets and tokens are opened when first used)."""
     metas = [_meta(e) for e in entries]
     if any(m is None for m in metas):
         raise DataError(f"token cache: shard {entries[metas.index(None)]} is unreadable after writing it")
@@ -234,19 +247,41 @@ def _assemble(name: str, read: SourceRead, entries: list[str], tokenizer: Tokeni
         replaced += meta["replaced_chars"]
     if not sum(m["docs"] for m in metas):
         raise DataError(read.empty)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
     lengths = [m["tokens"] for m in metas]
-    tokens = ShardedArray([os.path.join(e, "tokens.npy") for e in entries], lengths, dtype)
+    tokens = ShardedArray([os.path.join(e, "tokens.npy") for e in entries], lengths, _dtype(tokenizer))
     weights = None
     if any(m["weights"] for m in metas):
         weights = ShardedArray([os.path.join(e, "weights.npy") if m["weights"] else None
                                 for e, m in zip(entries, metas, strict=True)], lengths, np.uint8, fill=1)
-    starts = [np.zeros(1, np.int64)]
-    for base, e in zip(tokens.bases[:-1].tolist(), entries, strict=True):
-        starts.append(np.load(os.path.join(e, "doc_starts.npy"), allow_pickle=False)[1:] + base)
-    return TokenizedSource(name, tokens, np.concatenate(starts), weights, read.fingerprint, replaced,
-                           cache_hit=encoded == 0, encoded_files=encoded, unit_docs=[m["docs"] for m in metas],
-                           unit_replaced=[m["replaced_chars"] for m in metas])
+    return TokenizedSource(name, tokens, [os.path.join(e, "doc_starts.npy") for e in entries], weights,
+                           read.fingerprint, [m["docs"] for m in metas], [unit_id(u.key) for u in read.units],
+                           [m["replaced_chars"] for m in metas], replaced, cache_hit=encoded == 0,
+                           encoded_files=encoded, entries=entries)
+
+
+def _in_memory(name: str, read: SourceRead, tokenizer: Tokenizer) -> TokenizedSource:
+    """The source encoded into memory (no cache dir), a part per unit as from the cache."""
+    parts = []
+    for unit in read.units:
+        sink = _Sink(None, tokenizer)
+        docs = unit.read()
+        _encode(docs, tokenizer, sink)
+        parts.append((*sink.arrays(), docs.replaced))
+    docs = [len(p[1]) - 1 for p in parts]
+    if not sum(docs):
+        raise DataError(read.empty)
+    lengths = [len(p[0]) for p in parts]
+    weights = None
+    if any(p[2] is not None for p in parts):
+        weights = ShardedArray([p[2] for p in parts], lengths, np.uint8, fill=1)
+    replaced = [p[3] for p in parts]
+    return TokenizedSource(name, ShardedArray([p[0] for p in parts], lengths, _dtype(tokenizer)),
+                           [p[1] for p in parts], weights, read.fingerprint, docs,
+                           [unit_id(u.key) for u in read.units], replaced, sum(replaced))
+
+
+def _dtype(tokenizer: Tokenizer) -> Any:
+    return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
 
 
 def _encode(docs: Iterable[Document], tokenizer: Tokenizer, sink: _Sink) -> None:
@@ -282,11 +317,11 @@ class _Sink:
 
     def __init__(self, directory: str | None, tokenizer: Tokenizer):
         self.directory = directory
-        self.dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+        self.dtype = _dtype(tokenizer)
         self.head = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
         self.lengths = array.array("q")
-        self.tokens = _Column(directory and os.path.join(directory, "tokens.npy"), self.dtype)
-        self.weights: _Column | None = None
+        self.tokens = Column(directory and os.path.join(directory, "tokens.npy"), self.dtype)
+        self.weights: Column | None = None
 
     def _weights(self, lengths: Sequence[int], prompts: Sequence[int]) -> np.ndarray:
         w = np.ones(sum(lengths), np.uint8)
@@ -299,7 +334,7 @@ class _Sink:
     def append(self, rows: list[list[int]], prompt_lengths: list[int] | None) -> None:
         lengths = [len(r) for r in rows]
         if prompt_lengths is not None and self.weights is None:
-            self.weights = _Column(self.directory and os.path.join(self.directory, "weights.npy"), np.uint8)
+            self.weights = Column(self.directory and os.path.join(self.directory, "weights.npy"), np.uint8)
             for lo in range(0, len(self.lengths), 65536):  # the documents before, prompt-less
                 block = self.lengths[lo:lo + 65536]
                 self.weights.append(self._weights(block, [0] * len(block)))
@@ -314,34 +349,3 @@ class _Sink:
         if self.directory:
             np.save(os.path.join(self.directory, "doc_starts.npy"), starts)
         return self.tokens.close(), starts, self.weights.close() if self.weights is not None else None
-
-
-class _Column:
-    """A 1-D array appended in pieces: in memory (`path` None), or a .npy file whose fixed-size header is written
-    last, read back memory-mapped."""
-
-    HEADER = 128  # bytes: magic, version, length and the padded dict of any 1-D shape
-
-    def __init__(self, path: str | None, dtype: Any):
-        self.path, self.dtype, self.n, self.parts = path, np.dtype(dtype), 0, []
-        self.file = open(path, "wb") if path else None  # noqa: SIM115 - closed in close()
-        if self.file:
-            self.file.write(b"\0" * self.HEADER)
-
-    def append(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a, self.dtype)
-        if self.file:
-            self.file.write(a.tobytes())
-        else:
-            self.parts.append(a)
-        self.n += a.size
-
-    def close(self) -> np.ndarray:
-        if not self.file:
-            return np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
-        meta = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n,)}
-        text = repr(meta).ljust(self.HEADER - 10 - 1) + "\n"
-        self.file.seek(0)
-        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1"))
-        self.file.close()
-        return np.load(self.path, mmap_mode="r", allow_pickle=False)

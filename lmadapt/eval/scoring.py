@@ -21,7 +21,7 @@ import numpy as np
 
 from lmadapt.config import DataConfig, ModelConfig, SourceConfig, TokenizerConfig
 from lmadapt.data.batch import Batch
-from lmadapt.data.pipeline import build_pipeline, split_documents
+from lmadapt.data.pipeline import build_pipeline, held_out_split
 from lmadapt.data.sources import read_source
 from lmadapt.data.tokenizers import Tokenizer
 from lmadapt.model import Transformer, forward, per_layer
@@ -83,9 +83,8 @@ def lm_scores(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, src: So
 def classify(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, src: SourceConfig, *,
              max_examples: int = 200, val_fraction: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """Rank the label continuations of each held-out record by log-probability; predictions and truth."""
-    read = read_source(src)
-    _, val_ids = split_documents(len(read.documents), val_fraction, seed, src.name)
-    docs = [read.documents[i] for i in val_ids[:max_examples]]
+    _, val = held_out_split(read_source(src), val_fraction, seed, src.name)
+    docs = val[:max_examples]
     labels = list(src.labels or [])
     head = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
     prompts = tokenizer.encode([d.prompt or "" for d in docs])

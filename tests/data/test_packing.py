@@ -1,11 +1,9 @@
 """Packing invariants (property tests): every input token once, segments apart, loss mask exact."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmadapt.data import packing
 from lmadapt.data.packing import pack
 
 PAD = -1
@@ -83,18 +81,3 @@ def test_empty_row_index_gives_a_masked_row():
     batch = packed.rows(np.array([-1, 0]))
     assert batch["loss_mask"][0].sum() == 0 and batch["segment_ids"][0].sum() == 0
     assert packed.n_rows == 2 and batch["loss_mask"][1].sum() == 4  # 4 + 5 pairs do not fit one row of 8
-
-
-@pytest.mark.parametrize("long_docs", ["split", "truncate"])
-def test_pieces_cut_in_chunks_equal_pieces_cut_at_once(long_docs, monkeypatch):
-    rng = np.random.default_rng(0)
-    doc_starts = np.concatenate([[0], np.cumsum(rng.integers(1, 300, 2000))]).astype(np.int64)
-    ids = np.sort(rng.choice(2000, 1500, replace=False))
-    monkeypatch.setattr(packing, "_PLAN_CHUNK", 10**9)
-    whole = packing.make_pieces(doc_starts, ids, 64, long_docs)
-    for chunk in (1, 7, 333):
-        monkeypatch.setattr(packing, "_PLAN_CHUNK", chunk)
-        got = packing.make_pieces(doc_starts, ids, 64, long_docs)
-        np.testing.assert_array_equal(got[0], whole[0])
-        np.testing.assert_array_equal(got[1], whole[1])
-        assert got[2] == whole[2] and got[0].dtype == got[1].dtype == np.int64

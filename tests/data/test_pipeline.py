@@ -120,7 +120,8 @@ def test_held_out_documents_are_never_trained_on(tmp_path):
     held_out, trained = positions(val), positions(train)
     assert held_out and not (held_out & trained)
     assert len(held_out) + len(trained) == len(train.tokens) - 200  # every input token is in one split
-    assert train.stats.documents == 180 and val.stats.documents == 20
+    # each document held out by its hash: about val_fraction of them (binomial, 20 +- 4.2 expected here)
+    assert train.stats.documents + val.stats.documents == 200 and 10 <= val.stats.documents <= 30
     again = make(data_config(tmp_path, [source("a", tmp_path / "a.txt")], val_fraction=0.1))
     assert positions(again.val["a"]) == held_out  # the same documents in every run
 
