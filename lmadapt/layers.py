@@ -41,11 +41,83 @@ def _dense_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array) -
     x, w = res
     g = g.astype(x.dtype)
     dx = lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx.astype(x.dtype), weight_grad(x, g).astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_t(x: jax.Array, w_t: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """x [N, K] @ w_t [M, K]^T, as `dense` for a weight stored the other way round (a tied embedding [vocab, d]).
+
+    Written as one dot_general contracting both last axes: `jnp.dot(x, w_t.T)` compiles to the same dot, but
+    XLA's CPU backend then runs it in float32 from bf16 inputs (read from the compiled HLO on jax 0.12: a
+    third of a small GPT-2's matmul work, the LM head, off the BF16 units)."""
+    return lax.dot_general(x, w_t, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+
+
+def _dense_t_fwd(x: jax.Array, w_t: jax.Array, out_dtype: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return dense_t(x, w_t, out_dtype), (x, w_t)
+
+
+def _dense_t_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w_t = res
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), weight_grad(x, g).T.astype(w_t.dtype)
+
+
+dense_t.defvjp(_dense_t_fwd, _dense_t_bwd)
+
+
+def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T g [K, M] in float32, for x [N, K], g [N, M].
+
+    In bf16 on CPU, x^T is first written out as a real row-major array, one zero row longer (sliced off after):
+    XLA's CPU backend runs a bf16 dot on the BF16 units (YNNPACK) only when neither operand is transposed, and
+    upcasts this one, whose operands both contract their leading axis, to a float32 dot. A plain transpose, or
+    one behind `lax.optimization_barrier`, is folded back into the dot or still upcast (read from the compiled
+    HLO on jax 0.12); a pad is not. Measured on a Zen 5 with AVX512-BF16: see docs/performance.md.
+    """
+    def plain(x: jax.Array, g: jax.Array) -> jax.Array:
+        return jnp.dot(x.T, g, preferred_element_type=jnp.float32)
+
+    def copied(x: jax.Array, g: jax.Array) -> jax.Array:
+        xt = lax.pad(x.T, jnp.zeros((), x.dtype), ((0, 1, 0), (0, 0, 0)))
+        return jnp.dot(xt, g, preferred_element_type=jnp.float32)[:-1]
+
+    if x.dtype != jnp.bfloat16:
+        return plain(x, g)
+    return lax.platform_dependent(x, g, cpu=copied, default=plain)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y [N, M] + b [M]; in bf16 on CPU its bias gradient is a dot with a ones row, which XLA's CPU backend runs
+    on the BF16 units, where the column sum autodiff emits is a strided reduction (+14-25% on the bf16 step of
+    a small GPT-2, docs/performance.md)."""
+    return y + b.astype(y.dtype)
+
+
+def _add_bias_fwd(y: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return add_bias(y, b), jnp.zeros((0,), b.dtype)
+
+
+def _add_bias_bwd(res: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def on_cpu(g: jax.Array) -> jax.Array:
+        return jnp.dot(jnp.ones((1, g.shape[0]), g.dtype), g, preferred_element_type=jnp.float32)[0]
+
+    def elsewhere(g: jax.Array) -> jax.Array:
+        return jnp.sum(g, axis=0, dtype=jnp.float32)
+
+    if g.dtype != jnp.bfloat16:  # float32: +0-12% measured here, but "no gain or slower" on a Zen 3 before
+        return g, elsewhere(g).astype(res.dtype)
+    return g, lax.platform_dependent(g, cpu=on_cpu, default=elsewhere).astype(res.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class Projection(nn.Module):
@@ -69,11 +141,11 @@ class Projection(nn.Module):
         k, m = math.prod(in_shape), math.prod(out_shape)
         lead = x.shape[:x.ndim - self.n_in]
         y = dense(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, m).astype(self.dtype), self.out_dtype)
-        y = y.reshape(*lead, *out_shape)
         if self.bias_names is not None:
             zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.bias_names)
-            y = y + self.param("bias", zeros, out_shape, self.param_dtype).astype(self.dtype)
-        return y
+            bias = self.param("bias", zeros, out_shape, self.param_dtype).astype(self.dtype)
+            y = add_bias(y, bias.reshape(m))
+        return y.reshape(*lead, *out_shape)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,

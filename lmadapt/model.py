@@ -34,7 +34,8 @@ from jax import lax
 from lmadapt.config import ModelConfig
 from lmadapt.data.batch import Batch
 from lmadapt.families import family
-from lmadapt.layers import Projection, attention, normal_init
+from lmadapt.layers import Projection, attention, dense_t, normal_init
+from lmadapt.precision import compute_dtype
 from lmadapt.rope import apply_rope
 
 # Logical names of the main activations ([batch, length, ...]); mapped to mesh axes by the config's rules.
@@ -59,7 +60,7 @@ def _proj(cfg: ModelConfig, n_in: int, shape: tuple[int, ...], names: tuple[str,
           bias_names: tuple[str, ...], *, name: str, bias: bool, std: float | None = None) -> Projection:
     """A projection of the model, with a bias when `bias`; init std from the config unless given."""
     return Projection(shape, n_in, names, bias_names if bias else None, cfg.init_std if std is None else std,
-                      jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+                      jnp.dtype(compute_dtype(cfg.dtype)), jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -80,7 +81,7 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kind = family(cfg.family).norm
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dtype, param_dtype = jnp.dtype(compute_dtype(cfg.dtype)), jnp.dtype(cfg.param_dtype)
         dim = self.dim or cfg.d_model
         init = nn.initializers.zeros_init() if kind == "rms_offset" else nn.initializers.ones_init()
         scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (dim,), param_dtype)
@@ -231,7 +232,7 @@ class Transformer(nn.Module):
         decode: read and append to the "cache" collection (pass it with `mutable=["cache"]`).
         """
         cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dtype, param_dtype = jnp.dtype(compute_dtype(cfg.dtype)), jnp.dtype(cfg.param_dtype)
         batch, length = tokens.shape
         if positions is None:
             if decode:
@@ -274,7 +275,11 @@ class Transformer(nn.Module):
         # Logits accumulate and come out in float32 from compute-dtype inputs: exact enough for the loss,
         # and no float32 copy of the [d, vocab] matrix.
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(dtype), preferred_element_type=jnp.float32)
+            # Through `dense_t`, whose three dots XLA's CPU backend runs on the BF16 units (an einsum's weight
+            # gradient, and `x @ embedding.T`, it upcasts to float32); the same dots otherwise.
+            b, t, d = x.shape
+            logits = dense_t(x.reshape(b * t, d).astype(dtype), embed.embedding.astype(dtype),
+                             jnp.float32).reshape(b, t, -1)
         else:
             logits = Projection((cfg.d_model, cfg.vocab_size), 1, ("embed", "vocab"), None, cfg.init_std, dtype,
                                 param_dtype, out_dtype=jnp.float32, name="lm_head")(x)

@@ -17,7 +17,7 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from lmadapt import sharding
+from lmadapt import precision, sharding
 from lmadapt.checkpoint import Checkpointer
 from lmadapt.config import Config, ConfigError, config_to_dict
 from lmadapt.continual import average
@@ -179,6 +179,7 @@ def _first_state(cfg: Config, session: Session, origin: Origin, ckpt: Checkpoint
     if jax.process_index() == 0:
         log(f"devices={jax.device_count()} processes={jax.process_count()} mesh={dict(session.mesh.shape)} "
             f"params={count_params(state.params):,} steps {int(state.step)}->{cfg.train.steps}")
+        log(f"compute dtype {precision.describe(cfg.model.dtype)}")
     return state
 
 

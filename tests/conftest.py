@@ -39,13 +39,14 @@ def data_cache(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_config(data_cache):
-    """The tiny run config with per-test overrides: `tiny_config("train.steps=3", "mesh.data=1")`."""
+    """The tiny run config with per-test overrides: `tiny_config("train.steps=3", "mesh.data=1")`. In float32:
+    tests compare against float32 references on every machine (`auto` picks bf16 on some; tests/test_precision.py)."""
     from lmadapt.config import load_config
 
     def make(*overrides: str):
         return load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
                            [f"data.sources.0.path={os.path.join(ROOT, 'data', 'shakespeare.txt.xz')}",
-                            f"data.cache_dir={data_cache}", *overrides])
+                            f"data.cache_dir={data_cache}", "model.dtype=float32", *overrides])
 
     return make
 

@@ -19,7 +19,8 @@ from lmadapt.config import ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny model of the lineage and fault tests: a few thousand params, quick to save, load and step.
-TINY_MODEL = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+TINY_MODEL = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                         dtype="float32")
 
 ISSUE_EXAMPLE = "def f(x):\n    return x  +  1\n\nprint(f(2))"
 # Pieces that trip normalising tokenizers: code, whitespace runs, tabs, CRLF, emoji (with ZWJ), CJK,

@@ -128,8 +128,9 @@ def test_model_configs_shaped_like_real_checkpoints(name):
         (["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4"],
          "key 'model.rope_scaling.high_freq_factor' has value 4.0; expected above"),
         (["model.family=mistral", "model.sliding_window=0"], "key 'model.sliding_window' has value 0"),
-        (["model.attention=cudnn"], "key 'model.attention' has value 'cudnn'; expected auto, xla or einsum with "
-                                    "model.dtype=float32 (cuDNN's fused attention runs in bfloat16 only)"),
+        (["model.attention=cudnn", "model.dtype=float32"],
+         "key 'model.attention' has value 'cudnn'; expected auto, xla or einsum with "
+         "model.dtype=float32 (cuDNN's fused attention runs in bfloat16 only)"),
     ],
 )
 def test_family_options_a_family_lacks_are_refused(overrides, needle):

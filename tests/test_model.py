@@ -27,7 +27,8 @@ FAMILIES = ["llama", "gpt2"]
 
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
     """A 2-layer model; init_std 0.1 makes logits far from uniform, so masking mistakes show up clearly."""
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, init_std=0.1)
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, init_std=0.1,
+                dtype="float32")
     if family == "llama":
         base.update(n_kv_heads=2)  # grouped-query attention
     else:
@@ -298,3 +299,29 @@ def test_init_cache_layout():
     with pytest.raises(ValueError, match="positions"):
         Transformer(cfg).apply({"params": params_of("llama", True), "cache": full}, jnp.zeros((3, 1), jnp.int32),
                                decode=True, mutable=["cache"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_projection_gradients_equal_autodiffs(dtype):
+    """dense, dense_t and add_bias (own VJPs: a weight gradient from a padded copy of x^T in bf16 on CPU, a bias
+    gradient as a dot with ones) give autodiff's gradients of the plain expressions."""
+    from lmadapt.layers import add_bias, dense, dense_t
+
+    rng = np.random.default_rng(0)
+    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((24, 16), (16, 40), (40,)))
+    cast = jnp.dtype(dtype)
+
+    def ours(x, w, b):
+        y = add_bias(dense(x.astype(cast), w.astype(cast), jnp.float32), b)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(dense_t(x.astype(cast), w.T.astype(cast), jnp.float32)))
+
+    def plain(x, w, b):
+        up = lambda a: a.astype(cast).astype(jnp.float32)  # the same rounding of the inputs, then exact
+        y = up(x) @ up(w) + b
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(up(x) @ up(w)))
+
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, w, b)
+    want = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(x, w, b)
+    tol = 1e-5 if dtype == "float32" else 0.03  # bf16: the output gradient is rounded to bf16 before its dots
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, atol=tol * float(jnp.abs(e).max()))

@@ -38,6 +38,19 @@ WARMUP = 2
 DATASHEET = (("MIG", None), ("NVL", None), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12))
 
 
+
+def _bf16(dtype: str) -> bool:
+    """Whether the jax side computes in bf16: model.dtype=auto resolved without starting a jax backend here
+    (on a GPU that would take its memory from torch)."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    from benchinfo import gpu_line
+
+    from lmadapt import precision
+
+    platform = "gpu" if gpu_line() else "cpu"
+    return precision.choose(platform, precision.cpu_flags(), precision.jax_version())[0] == "bfloat16"
+
 def _write(path: str, data: dict[str, Any]) -> None:
     """Replace `path` atomically: the parent polls it and must never read half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -276,7 +289,7 @@ def header(cfg: Any, n_params: int, report: dict[str, Any]) -> list[str]:
             f"device: {report['device'] or '?'}; "
             + ", ".join(f"{k} {v or '-'}" for k, v in report["versions"].items()),
             f"model: {m.family} L{m.n_layers} d{m.d_model} heads {m.n_heads}/{m.kv_heads} vocab {m.vocab_size}, "
-            f"{n_params / 1e6:.1f}M params fp32, compute {'bf16 autocast' if m.dtype == 'bfloat16' else 'fp32'}"
+            f"{n_params / 1e6:.1f}M params fp32, compute {'bf16 autocast' if _bf16(m.dtype) else 'fp32'}"
             f"{tf32}, attention {attn}, gradient checkpointing "
             + (f"on (remat={m.remat})" if m.remat != "none" else "off"),
             f"FLOPs/token {report['flops_per_token']:.3g}; bf16 matmul peak measured "
@@ -322,7 +335,7 @@ def main() -> int:
         print(f"error: cannot import {e.name or 'a dependency'} ({e})", file=sys.stderr)
         return 3
     args.seq_len, batch = cfg.train.seq_len, args.batch or cfg.train.batch_size
-    job = {"hf": hf, "seq_len": args.seq_len, "bf16": cfg.model.dtype == "bfloat16",
+    job = {"hf": hf, "seq_len": args.seq_len, "bf16": _bf16(cfg.model.dtype),
            "remat": cfg.model.remat != "none", "steps": args.steps}
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,6 +39,7 @@ from benchinfo import cpu_line, gpu_line  # noqa: E402
 from lmadapt.allocator import active_library, run_entry_point  # noqa: E402
 from lmadapt.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from lmadapt.model import count_params  # noqa: E402
+from lmadapt.precision import compute_dtype  # noqa: E402
 from lmadapt.session import build  # noqa: E402
 
 # Dense bf16 matmul peaks from the vendors' datasheets (SXM parts; the H200 has the H100's arithmetic).
@@ -263,7 +264,7 @@ def measure(cfg: Any, session: Any, run: dict[str, Any]) -> dict[str, Any]:
     achieved = tokens / med * fpt
     dev = jax.devices()[0]
     peak = {"fp32": matmul_peak(jnp.float32)}
-    if m.dtype == "bfloat16":
+    if compute_dtype(m.dtype) == "bfloat16":
         peak["bf16"] = matmul_peak(jnp.bfloat16)
     sheet = datasheet_peak(dev.device_kind) if dev.platform == "gpu" else None
     mem_kind, mem = peak_memory_bytes()

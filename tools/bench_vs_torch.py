@@ -2,7 +2,7 @@
 
     python tools/bench_vs_torch.py [--family gpt2] [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
         [--steps 8] [--rounds 2] [--variants jax-fp32,jax-bf16,torch-fp32,torch-bf16,torch-compile-bf16]
-        [--malloc both|system|fast]
+        [--malloc both|system|fast] [--jax-python PATH]
 
 The model is initialised once in lmadapt and exported through the HF export path, so every variant
 starts from identical weights and trains on identical random tokens with AdamW (lr 1e-4, no decay,
@@ -11,6 +11,11 @@ spread the machine's noise over all of them; the table gives the median step tim
 with its spread, tokens/s, model FLOPs utilisation against the fp32 matmul peak measured in the same
 run (FLOPs/token = 6N + 12·L·T·d, N without position embeddings), the first-step (compile) time,
 peak RSS, and each variant's ratio to the best torch variant.
+
+`jax-auto` is lmadapt's default, `model.dtype: auto` (lmadapt/precision.py). `--jax-python PATH` runs the jax
+variants under another interpreter, e.g. a Python 3.12 environment with jax >= 0.11 (the one whose CPU backend
+reaches the BF16 units), while torch's run in this one (the CPU torch wheel is for Python 3.11); each row
+names the jax version it ran. The CPU model and its bf16 flags are printed first.
 
 `--malloc` runs each variant with glibc malloc ("system"), with the caching allocator train.py
 preloads ("fast": tcmalloc or jemalloc, see lmadapt/allocator.py), or both (the default): torch
@@ -70,7 +75,8 @@ def run_jax(args, directory: str, precision: str) -> list[float]:
     from lmadapt.train_step import TrainState, train_step
 
     params, cfg, _ = import_hf(os.path.join(directory, "model"))
-    cfg = dataclasses.replace(cfg, dtype="bfloat16" if precision == "bf16" else "float32", scan_layers=False)
+    dtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "auto"}[precision]
+    cfg = dataclasses.replace(cfg, dtype=dtype, scan_layers=False)
     model = Transformer(cfg)
     tx = optax.adamw(1e-4, weight_decay=0.0)
     tokens = np.load(os.path.join(directory, "tokens.npy"), allow_pickle=False).astype(np.int32)
@@ -127,11 +133,27 @@ def child(args) -> int:
     import resource
 
     name = args.child
+    if name == "peak":  # the matmul peaks of the jax the jax variants run on
+        import jax.numpy as jnp
+
+        from tools.bench_train import matmul_peak
+
+        print(json.dumps({"fp32": matmul_peak(jnp.float32), "bf16": matmul_peak(jnp.bfloat16)}))
+        return 0
     if name.startswith("jax"):
+        import jax
+
+        from lmadapt.precision import compute_dtype
+
         times = run_jax(args, args.dir, name.split("-")[-1])
+        ran = f"jax {jax.__version__}" + (f", auto = {compute_dtype('auto')}" if name.endswith("auto") else "")
     else:
+        import torch
+
         times = run_torch(args, args.dir, name.split("-")[-1], "compile" in name)
-    print(json.dumps({"times": times, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        ran = f"torch {torch.__version__}"
+    print(json.dumps({"times": times, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "ran": ran}))
     return 0
 
 
@@ -146,25 +168,36 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (after one compile/warm-up step)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", default="jax-fp32,jax-bf16,torch-fp32,torch-bf16,torch-compile-bf16")
-    p.add_argument("--malloc", choices=["both", "system", "fast"], default="both")
+    p.add_argument("--variants", default="jax-auto,jax-fp32,jax-bf16,torch-fp32,torch-bf16,torch-compile-bf16")
+    p.add_argument("--jax-python", default=sys.executable, help="the interpreter of the jax variants")
+    p.add_argument("--malloc", default="both", help="both, system, fast, or a list of system,tcmalloc,jemalloc")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def malloc_envs(choice: str) -> tuple[list[str], dict[str, dict[str, str] | None]]:
-    """(the mallocs to run under, their environments): glibc's, and tcmalloc/jemalloc when installed."""
-    from lmadapt.allocator import find_library, preload_env
+MALLOCS = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
 
-    library = find_library("")
-    mallocs = {"system": ["system"], "fast": ["fast"], "both": ["system", "fast"]}[choice]
-    if "fast" in mallocs and library is None:
-        print("no tcmalloc/jemalloc installed (apt install libtcmalloc-minimal4): glibc malloc only", file=sys.stderr)
-        mallocs = ["system"]
+
+def malloc_envs(choice: str) -> tuple[list[str], dict[str, dict[str, str] | None]]:
+    """(the mallocs to run under, their environments): `choice` is both (glibc's and the one train.py preloads),
+    system, fast, or a comma-separated list of system, fast, tcmalloc, jemalloc."""
+    from lmadapt.allocator import CANDIDATES, find_library, preload_env
+
+    names = {"both": ["system", "fast"]}.get(choice, choice.split(","))
     system_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     system_env["LMADAPT_MALLOC"] = "system"
-    return mallocs, {"system": system_env, "fast": preload_env(library, system_env) if library else None}
+    envs: dict[str, dict[str, str] | None] = {"system": system_env}
+    for name in names:
+        if name == "system":
+            continue
+        library = find_library("") if name == "fast" else \
+            next((c for c in CANDIDATES if c.endswith(MALLOCS.get(name, "?")) and os.path.isfile(c)), None)
+        if library is None:
+            print(f"no {name} installed (apt install libtcmalloc-minimal4 libjemalloc2): skipped", file=sys.stderr)
+            continue
+        envs[name] = preload_env(library, system_env)
+    return [n for n in names if n in envs], envs
 
 
 def run_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -174,13 +207,14 @@ def run_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
         prepare(args, directory)
         variants = [(v, m) for v in args.variants.split(",") for m in mallocs]
         runs: dict[str, list[dict]] = {f"{v} {m}": [] for v, m in variants}
-        base = [sys.executable, os.path.abspath(__file__), "--dir", directory]
+        script = [os.path.abspath(__file__), "--dir", directory]
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("family", "layers", "d_model", "heads", "vocab", "seq", "batch", "steps")]
         for _ in range(args.rounds):
             for v, m in variants:
-                out = subprocess.run([*base, *flags, "--child", v], capture_output=True, text=True, cwd=ROOT,
-                                     env=envs[m])
+                python = args.jax_python if v.startswith("jax") else sys.executable
+                out = subprocess.run([python, *script, *flags, "--child", v], capture_output=True, text=True,
+                                     cwd=ROOT, env=dict(envs[m], PYTHONPATH=ROOT))
                 name = f"{v} {m}"
                 if out.returncode != 0:
                     print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -204,7 +238,11 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
     cfg = model_config(args)
     n_params = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
     fpt = flops_per_token(cfg, n_params, args.seq)
-    peak = matmul_peak(jnp.float32)
+    out = subprocess.run([args.jax_python, os.path.abspath(__file__), "--child", "peak"], capture_output=True,
+                         text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    peaks = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
+        {"fp32": matmul_peak(jnp.float32), "bf16": float("nan")}
+    peak = peaks["fp32"]
     tokens = args.batch * args.seq
     rows = {}
     for v, rs in runs.items():
@@ -213,24 +251,34 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
         steady = [t for r in rs for t in r["times"][1:]]
         med = statistics.median(steady)
         rows[v] = {"median_ms": med * 1e3, "min_ms": min(steady) * 1e3, "max_ms": max(steady) * 1e3,
-                   "tok_s": tokens / med, "mfu": tokens / med * fpt / peak,
+                   "tok_s": tokens / med,
+                   "mfu": tokens / med * fpt / (peaks["bf16"] if _bf16_variant(v, rs) else peak),
                    "first_step_s": statistics.median(r["times"][0] for r in rs),
-                   "rss_gib": max(r["rss"] for r in rs) / 2**30}
+                   "rss_gib": max(r["rss"] for r in rs) / 2**30, "ran": rs[-1].get("ran", "")}
 
     def best_torch(malloc: str | None) -> float:
         return max((r["tok_s"] for v, r in rows.items()
                     if v.startswith("torch") and (malloc is None or v.endswith(" " + malloc))), default=float("nan"))
 
+    from tools.benchinfo import cpu_line
+
+    print(cpu_line())
     print(f"model: {cfg.family} L{cfg.n_layers} d{cfg.d_model} vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; "
           f"batch {args.batch} x seq {args.seq}; {args.rounds} rounds x {args.steps} steps; fp32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s; FLOPs/token {fpt:.3g}")
+          f"{peak / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (2048^3, the jax variants' jax); "
+          f"FLOPs/token {fpt:.3g}")
+    print("MFU: against the fp32 peak for fp32 variants, the bf16 peak for bf16 ones (jax-auto: what it picked)")
     print(f"{'variant':<26} {'tokens/s':>9} {'median ms':>10} {'spread ms':>15} {'MFU':>6} {'1st step s':>10} "
           f"{'RSS GiB':>8} {'/best torch same malloc':>23} {'/best torch':>11}")
     for v, r in rows.items():
         same = best_torch(v.rsplit(" ", 1)[1])
         print(f"{v:<26} {r['tok_s']:>9,.0f} {r['median_ms']:>10.1f} {r['min_ms']:>7.1f}-{r['max_ms']:<7.1f} "
               f"{r['mfu']:>6.1%} {r['first_step_s']:>10.2f} {r['rss_gib']:>8.2f} {r['tok_s'] / same:>22.2f}x "
-              f"{r['tok_s'] / best_torch(None):>10.2f}x")
+              f"{r['tok_s'] / best_torch(None):>10.2f}x  {r['ran']}")
+
+
+def _bf16_variant(name: str, runs: list[dict]) -> bool:
+    return "bf16" in name.split()[0] or "bfloat16" in runs[-1].get("ran", "")
 
 
 def main() -> int:

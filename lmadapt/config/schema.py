@@ -66,7 +66,9 @@ class ModelConfig(_Frozen):
     query_pre_attn_scalar: float | None = None  # gemma2: scores scaled by this ** -0.5 (null: head_dim)
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (mixed precision)
+    # Compute dtype (params stay param_dtype, dots accumulate in float32). auto: bfloat16 on GPU/TPU and on CPUs
+    # with BF16 units under jax >= 0.11, else float32 (lmadapt/precision.py); the run says which at start-up.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = False
     attention: Literal["auto", "xla", "cudnn", "einsum"] = "auto"

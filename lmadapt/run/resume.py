@@ -29,7 +29,8 @@ from lmadapt.files.manifest import MANIFEST, summary
 # Keys a restart may change without asking: where and how often things are logged, evaluated, saved and
 # published, how the job is laid out on devices, and implementation choices that compute the same math.
 RUNTIME_KEYS = ("logging", "eval", "checkpoint", "distributed", "mesh", "run.dir", "data.cache_dir", "lineage",
-                "version", "train.on_nonfinite", "train.max_nonfinite_in_a_row", "model.attention", "model.remat")
+                "version", "train.on_nonfinite", "train.max_nonfinite_in_a_row", "model.attention", "model.remat",
+                "model.dtype")  # the compute dtype: params keep param_dtype (a run saved under float32 resumes on auto)
 # Keys no flag can change: the checkpoint's tensors or token ids mean something else under another value.
 FIXED_KEYS = ("model", "tokenizer")
 
