@@ -34,7 +34,7 @@ from jax import lax
 from lmadapt.config import ModelConfig
 from lmadapt.data.batch import Batch
 from lmadapt.families import family
-from lmadapt.layers import Projection, attention, dense_t, normal_init
+from lmadapt.layers import Projection, attention, dense_t, normal_init, scale_last
 from lmadapt.precision import compute_dtype
 from lmadapt.rope import apply_rope
 
@@ -90,7 +90,7 @@ class Norm(nn.Module):
             y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
             if kind == "rms_offset":  # Gemma2RMSNorm: the multiply stays in float32
                 return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
-            return scale.astype(dtype) * y.astype(dtype)  # LlamaRMSNorm: cast back, then the weight
+            return scale_last(y.astype(dtype), scale)  # LlamaRMSNorm: cast back, then the weight
         zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",))
         bias = self.param("bias", zeros, (dim,), param_dtype)
         mean = jnp.mean(x32, axis=-1, keepdims=True)

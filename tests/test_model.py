@@ -302,26 +302,28 @@ def test_init_cache_layout():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_projection_gradients_equal_autodiffs(dtype):
-    """dense, dense_t and add_bias (own VJPs: a weight gradient from a padded copy of x^T in bf16 on CPU, a bias
-    gradient as a dot with ones) give autodiff's gradients of the plain expressions."""
-    from lmadapt.layers import add_bias, dense, dense_t
+@pytest.mark.parametrize("k,m", [(16, 40), (40, 16)])  # bf16 on CPU copies x^T, then g^T (the smaller side)
+def test_projection_gradients_equal_autodiffs(dtype, k, m):
+    """dense, dense_t, add_bias and scale_last (own VJPs: a weight gradient from a padded copy of x^T or g^T in
+    bf16 on CPU, bias and norm-weight gradients as dots with ones) give autodiff's gradients of the plain
+    expressions."""
+    from lmadapt.layers import add_bias, dense, dense_t, scale_last
 
     rng = np.random.default_rng(0)
-    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((24, 16), (16, 40), (40,)))
+    x, w, b, s = (jnp.asarray(rng.normal(size=sh), jnp.float32) for sh in ((24, k), (k, m), (m,), (k,)))
     cast = jnp.dtype(dtype)
 
-    def ours(x, w, b):
-        y = add_bias(dense(x.astype(cast), w.astype(cast), jnp.float32), b)
+    def ours(x, w, b, s):
+        y = add_bias(dense(scale_last(x.astype(cast), s), w.astype(cast), jnp.float32), b)
         return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(dense_t(x.astype(cast), w.T.astype(cast), jnp.float32)))
 
-    def plain(x, w, b):
+    def plain(x, w, b, s):
         up = lambda a: a.astype(cast).astype(jnp.float32)  # the same rounding of the inputs, then exact
-        y = up(x) @ up(w) + b
+        y = up(up(x) * up(s)) @ up(w) + b
         return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(up(x) @ up(w)))
 
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, w, b)
-    want = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(x, w, b)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))(x, w, b, s)
+    want = jax.jit(jax.grad(plain, argnums=(0, 1, 2, 3)))(x, w, b, s)
     tol = 1e-5 if dtype == "float32" else 0.03  # bf16: the output gradient is rounded to bf16 before its dots
     for g, e in zip(got, want, strict=True):
         np.testing.assert_allclose(g, e, atol=tol * float(jnp.abs(e).max()))
