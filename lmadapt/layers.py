@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -69,6 +70,14 @@ def _dense_t_bwd(out_dtype: Any, res: tuple[jax.Array, jax.Array], g: jax.Array)
 dense_t.defvjp(_dense_t_fwd, _dense_t_bwd)
 
 
+def bf16_cpu_or(default: Callable[..., jax.Array], on_cpu: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
+    """`on_cpu(*args)` where the first arg is bf16 and the program runs on CPU, `default(*args)` everywhere else: the
+    CPU-only rewrites below reach XLA's BF16 units; float32 and other backends keep the plain form (unchanged HLO)."""
+    if args[0].dtype != jnp.bfloat16:
+        return default(*args)
+    return lax.platform_dependent(*args, cpu=on_cpu, default=default)
+
+
 def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     """x^T g [K, M] in float32, for x [N, K], g [N, M].
 
@@ -83,16 +92,12 @@ def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
         return jnp.dot(x.T, g, preferred_element_type=jnp.float32)
 
     def copied(x: jax.Array, g: jax.Array) -> jax.Array:
-        pad = ((0, 1, 0), (0, 0, 0))
-        if x.shape[1] <= g.shape[1]:
-            xt = lax.pad(x.T, jnp.zeros((), x.dtype), pad)
-            return jnp.dot(xt, g, preferred_element_type=jnp.float32)[:-1]
-        gt = lax.pad(g.T, jnp.zeros((), g.dtype), pad)
-        return jnp.dot(gt, x, preferred_element_type=jnp.float32)[:-1].T
+        if x.shape[1] > g.shape[1]:
+            return copied(g, x).T  # (g^T x)^T
+        xt = lax.pad(x.T, jnp.zeros((), x.dtype), ((0, 1, 0), (0, 0, 0)))
+        return jnp.dot(xt, g, preferred_element_type=jnp.float32)[:-1]
 
-    if x.dtype != jnp.bfloat16:
-        return plain(x, g)
-    return lax.platform_dependent(x, g, cpu=copied, default=plain)
+    return bf16_cpu_or(plain, copied, x, g)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
@@ -108,9 +113,7 @@ def column_sum(g: jax.Array) -> jax.Array:
     def elsewhere(g: jax.Array) -> jax.Array:
         return jnp.sum(g, axis=0, dtype=jnp.float32)
 
-    if g.dtype != jnp.bfloat16:
-        return elsewhere(g)
-    return lax.platform_dependent(g, cpu=on_cpu, default=elsewhere)
+    return bf16_cpu_or(elsewhere, on_cpu, g)
 
 
 @jax.custom_vjp
